@@ -1,0 +1,1 @@
+"""Triton kernels for the QTS+ gate, shipped as ``qtsplus_vllm.kernels``."""
