@@ -75,7 +75,9 @@ class CheckpointReader:
         """Shapes of the tensors under ``prefix`` (without reading their data)."""
         if self._shapes is None:
             self._read_metadata()
-        return {(k[len(prefix) :] if strip else k): v for k, v in self._shapes.items() if k.startswith(prefix)}
+        return {
+            (k[len(prefix) :] if strip else k): v for k, v in self._shapes.items() if k.startswith(prefix)
+        }
 
     def dtype(self) -> torch.dtype:
         """The floating dtype of the weights (bf16 / fp16 / fp32)."""
@@ -193,7 +195,9 @@ def validate_checkpoint(config: QTSplusConfig, reader: CheckpointReader) -> None
     vision = resolve_vision_config(config, reader.shapes(VISION_PREFIX))
     d = config.hidden_size
     if PROJECTOR_KEY in reader:
-        check_shapes({"weight": [d, vision.out_hidden_size]}, reader.shapes(PROJECTOR_KEY[:-6]), PROJECTOR_KEY[:-6])
+        check_shapes(
+            {"weight": [d, vision.out_hidden_size]}, reader.shapes(PROJECTOR_KEY[:-6]), PROJECTOR_KEY[:-6]
+        )
     elif vision.out_hidden_size != d:
         raise CheckpointError(
             f"vision tower output size {vision.out_hidden_size} ({VISION_PREFIX}merger.mlp.2.weight) differs "

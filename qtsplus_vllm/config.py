@@ -118,7 +118,9 @@ def _block_count(keys: Sequence[str]) -> int:
     return len(blocks)
 
 
-def resolve_vision_config(config: QTSplusConfig, shapes: Mapping[str, Sequence[int]]) -> Qwen2_5_VLVisionConfig:
+def resolve_vision_config(
+    config: QTSplusConfig, shapes: Mapping[str, Sequence[int]]
+) -> Qwen2_5_VLVisionConfig:
     """The vision tower's config, from ``config.vision_config`` or inferred from weight shapes.
 
     ``shapes`` maps vision-tower key names *without* the ``model.vision_tower.`` prefix to their
@@ -152,7 +154,9 @@ def resolve_vision_config(config: QTSplusConfig, shapes: Mapping[str, Sequence[i
                     f"vision_config.{key}={values[key]} disagrees with the weights ({inferred[key]}, "
                     f"from {VISION_PREFIX}{'blocks.*' if key == 'depth' else key})"
                 )
-        values.setdefault("num_heads", values.get("num_attention_heads", values["hidden_size"] // VIT_HEAD_DIM))
+        values.setdefault(
+            "num_heads", values.get("num_attention_heads", values["hidden_size"] // VIT_HEAD_DIM)
+        )
         values.pop("num_attention_heads", None)
     else:
         if inferred["intermediate_size"] is None:
@@ -170,9 +174,11 @@ def resolve_vision_config(config: QTSplusConfig, shapes: Mapping[str, Sequence[i
         raise CheckpointError(
             f"vision hidden_size={values['hidden_size']} is not divisible by num_heads={values['num_heads']}"
         )
-    allowed = set(Qwen2_5_VLVisionConfig.__dataclass_fields__) if hasattr(
-        Qwen2_5_VLVisionConfig, "__dataclass_fields__"
-    ) else None
+    allowed = (
+        set(Qwen2_5_VLVisionConfig.__dataclass_fields__)
+        if hasattr(Qwen2_5_VLVisionConfig, "__dataclass_fields__")
+        else None
+    )
     if allowed:
         values = {k: v for k, v in values.items() if k in allowed}
     return Qwen2_5_VLVisionConfig(**values)

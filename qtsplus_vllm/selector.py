@@ -225,13 +225,18 @@ class QTSplusSelector(nn.Module):
             reencode=config.qts_plus_reencode,
         )
 
-    def load_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True, assign: bool = False):
+    def load_state_dict(
+        self, state_dict: Mapping[str, torch.Tensor], strict: bool = True, assign: bool = False
+    ):
         """Load checkpoint tensors (keys without ``model.qts_plus.selector.``); errors name the keys."""
         own = self.state_dict()
         missing = sorted(set(own) - set(state_dict))
         unexpected = sorted(set(state_dict) - set(own))
-        wrong = [f"{k}: {list(state_dict[k].shape)} vs {list(v.shape)}" for k, v in own.items()
-                 if k in state_dict and state_dict[k].shape != v.shape]
+        wrong = [
+            f"{k}: {list(state_dict[k].shape)} vs {list(v.shape)}"
+            for k, v in own.items()
+            if k in state_dict and state_dict[k].shape != v.shape
+        ]
         problems = []
         if strict and missing:
             problems.append(f"missing selector tensors {missing}")
