@@ -17,6 +17,7 @@ Module names match the released checkpoints' keys under ``model.qts_plus.selecto
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -25,10 +26,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import CheckpointError, QTSplusConfig
+from .kernels.score_topk import (
+    budget_stats,
+    relevance_reference,
+    score_relevance,
+    select_top,
+    triton_available,
+)
 
 RMS_EPS = 1e-6
 BUDGET_HIDDEN = 256
-ENTROPY_EPS = 1e-8
 
 
 @dataclass
@@ -144,39 +151,27 @@ class BudgetHead(nn.Module):
         return self.rho_min + (self.rho_max - self.rho_min) * torch.sigmoid(logit)
 
 
-def relevance_torch(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """r[m] = max_{h,l} softmax_m(q_{h,l} . k_{g(h),m} / sqrt(Dh)), fp32.
+def use_triton(device: torch.device) -> bool:
+    """Whether to score with the fused Triton kernel: ``QTSPLUS_SELECTOR_IMPL`` = triton | torch | auto.
 
-    queries [H, L, Dh], keys [Hkv, M, Dh] with H a multiple of Hkv (head h uses kv head
-    h // (H / Hkv)). Returns r [M] fp32. Materialises one kv group's [H/Hkv, L, M] at a time.
+    auto (the default) picks Triton for CUDA tensors when it is installed. ``triton`` on CPU tensors
+    needs ``TRITON_INTERPRET=1`` set before the process imports this package.
     """
-    num_heads, _, head_dim = queries.shape
-    num_kv_heads, m, _ = keys.shape
-    group = num_heads // num_kv_heads
-    scale = 1.0 / math.sqrt(head_dim)
-    r = torch.zeros(m, dtype=torch.float32, device=keys.device)
-    for g in range(num_kv_heads):
-        q = queries[g * group : (g + 1) * group].float()  # [group, L, Dh]
-        logits = torch.matmul(q, keys[g].float().transpose(0, 1)) * scale  # [group, L, M]
-        r = torch.maximum(r, logits.softmax(dim=-1).amax(dim=(0, 1)))
-    return r
-
-
-def entropy_of(r: torch.Tensor) -> torch.Tensor:
-    """Hent = max(0, -sum p log(p + 1e-8)), p = r / (sum r + 1e-8); fp32, 0-d."""
-    p = r / (r.sum() + ENTROPY_EPS)
-    return (-(p * (p + ENTROPY_EPS).log()).sum()).clamp_min(0.0)
+    impl = os.environ.get("QTSPLUS_SELECTOR_IMPL", "auto").strip().lower()
+    if impl == "torch":
+        return False
+    if impl == "triton":
+        if not triton_available():
+            raise RuntimeError("QTSPLUS_SELECTOR_IMPL=triton but Triton is not installed")
+        return True
+    if impl == "auto":
+        return device.type == "cuda" and triton_available()
+    raise ValueError(f"QTSPLUS_SELECTOR_IMPL must be 'triton', 'torch' or 'auto', got {impl!r}")
 
 
 def budget_count(rho: torch.Tensor, m: int, nmax: int) -> int:
     """n = min(max(ceil(rho * M), 1), nmax), computed in fp32."""
     return int(min(max(int(torch.ceil(rho.float() * float(m)).item()), 1), nmax))
-
-
-def top_indices(r: torch.Tensor, n: int) -> torch.Tensor:
-    """The n largest entries of r (ties: lower index first), returned ascending, int64."""
-    order = torch.sort(r, descending=True, stable=True).indices[:n]
-    return torch.sort(order).values
 
 
 class QTSplusSelector(nn.Module):
@@ -269,12 +264,16 @@ class QTSplusSelector(nn.Module):
             q = layer(q, vision_embeds)
         last = self.scoring_layers[-1]
         # Only the last layer's attention weights matter: its v_proj, o_proj and FFN are skipped.
-        return relevance_torch(last.project_queries(q), last.project_keys(vision_embeds))
+        queries, keys = last.project_queries(q), last.project_keys(vision_embeds)
+        if use_triton(keys.device):
+            return score_relevance(queries, keys)
+        return relevance_reference(queries, keys)
 
     def predict_rho(self, r: torch.Tensor, question_embeds: torch.Tensor) -> torch.Tensor:
         """The keep ratio rho (0-d fp32 tensor) from r [M] and the raw question embeddings [L, D]."""
         m = r.shape[0]
-        stats = torch.stack([torch.tensor(math.log(max(m, 1)), device=r.device), r.max(), entropy_of(r)])
+        r_max, entropy = budget_stats(r)
+        stats = torch.stack([torch.tensor(math.log(max(m, 1)), device=r.device), r_max, entropy])
         return self.budget(torch.cat([question_embeds.float().mean(0), stats.float()]))
 
     def reencode(self, kept: torch.Tensor) -> torch.Tensor:
@@ -296,7 +295,7 @@ class QTSplusSelector(nn.Module):
         r = self.score(x, q)
         rho = self.predict_rho(r, q)
         n = budget_count(rho, x.shape[0], self.nmax)
-        indices = top_indices(r, n)
+        indices = select_top(r, n)
         return Selection(indices=indices, embeds=self.reencode(x[indices]), n=n, rho=float(rho), scores=r)
 
     def select_batch(
