@@ -232,11 +232,16 @@ def _num_splits(m: int, block_m: int, programs_without_split: int, device: torch
 
 
 def score_relevance(
-    queries: torch.Tensor, keys: torch.Tensor, block_m: int = 64, block_r: int = 16
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    out: torch.Tensor | None = None,
+    block_m: int = 64,
+    block_r: int = 16,
 ) -> torch.Tensor:
     """Fused relevance r [M] fp32 from queries [H, L, Dh] and keys [Hkv, M, Dh] (any strides).
 
-    Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1``.
+    ``out``: optional contiguous fp32 [M] buffer to write r into. Runs on CUDA tensors, or on CPU
+    tensors under ``TRITON_INTERPRET=1``.
     """
     if triton is None:
         raise RuntimeError("Triton is not installed; use relevance_reference or QTSPLUS_SELECTOR_IMPL=torch")
@@ -266,7 +271,9 @@ def score_relevance(
     row_max = part_max.amax(dim=0)
     row_sum = (part_sum * torch.exp(part_max - row_max)).sum(dim=0)
 
-    r = torch.empty(m, dtype=torch.float32, device=keys.device)
+    r = torch.empty(m, dtype=torch.float32, device=keys.device) if out is None else out
+    if r.shape != (m,) or r.dtype != torch.float32 or not r.is_contiguous() or r.device != keys.device:
+        raise ValueError(f"out must be a contiguous fp32 [{m}] tensor on {keys.device}")
     _relevance_kernel[(triton.cdiv(m, block_m),)](
         queries, keys, row_max, row_sum, r,
         *queries.stride(), *keys.stride(),
