@@ -1,0 +1,274 @@
+"""Video decoding, frame sampling and Qwen2.5-VL preprocessing (torch + PyAV, no vLLM).
+
+The pipeline of DESIGN §2.1, in three verbs:
+
+1. :func:`decode_video` — PyAV decodes the file; the frames to keep are chosen with qwen-vl-utils'
+   ``smart_nframes`` (fps, min/max frames, even count) at ``linspace(0, total - 1, n).round()``.
+2. :func:`resize_frames` — qwen-vl-utils' ``smart_resize`` (factor 28) with its video pixel bounds,
+   bicubic with antialiasing, on any torch device.
+3. :func:`patchify` — CLIP normalisation and the Qwen2.5-VL patch layout: ``pixel_values``
+   [N, C·2·14·14] and ``grid_thw`` [1, 3] with N = T/2 · H/14 · W/14. The ViT merges 2×2 patches,
+   so the number of visual tokens is M = T/2 · H/28 · W/28.
+
+Defaults are the reference demo's: fps 1.0, at most 768 frames, max_pixels 360×420.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from dataclasses import dataclass
+
+import av
+import numpy as np
+import torch
+from qwen_vl_utils import vision_process as qwen_vl
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as tvf
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class VideoDecodeError(ValueError):
+    """The input is not a decodable video with at least one frame; the message says why."""
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Which frames to keep (qwen-vl-utils' ``fps`` / ``min_frames`` / ``max_frames`` rules)."""
+
+    fps: float = 1.0
+    min_frames: int = qwen_vl.FPS_MIN_FRAMES
+    max_frames: int = qwen_vl.FPS_MAX_FRAMES
+
+    def __post_init__(self):
+        if not (self.fps > 0 and math.isfinite(self.fps)):
+            raise ValueError(f"fps must be a positive number, got {self.fps}")
+        if not 1 <= self.min_frames <= self.max_frames:
+            raise ValueError(
+                f"need 1 <= min_frames <= max_frames, got min_frames={self.min_frames}, max_frames={self.max_frames}"
+            )
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Resizing bounds and the Qwen2.5-VL patch geometry.
+
+    ``min_pixels`` / ``total_pixels`` default to qwen-vl-utils' video defaults; ``max_pixels`` to
+    the reference demo's 360×420.
+    """
+
+    max_pixels: int = 360 * 420
+    min_pixels: int = qwen_vl.VIDEO_MIN_TOKEN_NUM * 28 * 28
+    total_pixels: float = qwen_vl.MODEL_SEQ_LEN * 28 * 28 * 0.9
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    merge_size: int = 2
+    image_mean: tuple[float, float, float] = CLIP_MEAN
+    image_std: tuple[float, float, float] = CLIP_STD
+
+    def __post_init__(self):
+        if self.max_pixels < 1 or self.min_pixels < 1:
+            raise ValueError(
+                f"pixel bounds must be positive, got min={self.min_pixels}, max={self.max_pixels}"
+            )
+
+    @property
+    def factor(self) -> int:
+        return self.patch_size * self.merge_size
+
+
+@dataclass
+class DecodedVideo:
+    """Sampled frames of one video.
+
+    frames:        [T, H, W, 3] uint8 RGB, T even.
+    frame_indices: [T] index of each kept frame in the source.
+    source_fps:    the source's average frame rate.
+    total_frames:  frames in the source.
+    """
+
+    frames: np.ndarray
+    frame_indices: list[int]
+    source_fps: float
+    total_frames: int
+
+    @property
+    def timestamps(self) -> list[float]:
+        """Seconds from the start for each kept frame."""
+        return [i / self.source_fps for i in self.frame_indices]
+
+
+@dataclass
+class VisionInputs:
+    """ViT inputs for one video: pixel_values [N, C·tp·p·p], grid_thw [1, 3] (t, h, w in patches)."""
+
+    pixel_values: torch.Tensor
+    grid_thw: torch.Tensor
+    resized_size: tuple[int, int]  # (height, width) after smart_resize
+    num_frames: int
+    merge_size: int = 2
+
+    @property
+    def num_visual_tokens(self) -> int:
+        """M = t · h · w / merge² (tokens after the ViT's patch merger)."""
+        t, h, w = (int(v) for v in self.grid_thw[0])
+        return t * h * w // self.merge_size**2
+
+
+_FRAME_FACTOR = qwen_vl.FRAME_FACTOR
+
+
+def sample_frame_indices(total_frames: int, source_fps: float, sampling: SamplingConfig) -> list[int]:
+    """Indices of the frames to keep: ``smart_nframes`` frames spread evenly over the video.
+
+    A one-frame video keeps its frame twice (the temporal patch needs two).
+    """
+    if total_frames < 1:
+        raise VideoDecodeError("the video has no frames")
+    if total_frames < _FRAME_FACTOR:
+        return [0] * _FRAME_FACTOR
+    spec = {"fps": sampling.fps, "min_frames": sampling.min_frames, "max_frames": sampling.max_frames}
+    n = qwen_vl.smart_nframes(spec, total_frames=total_frames, video_fps=source_fps)
+    return torch.linspace(0, total_frames - 1, n).round().long().tolist()
+
+
+def _open(source: str | os.PathLike | bytes):
+    if isinstance(source, bytes | bytearray | memoryview):
+        return av.open(io.BytesIO(bytes(source)), mode="r")
+    path = os.fspath(source)
+    if path.startswith("file://"):
+        path = path[len("file://") :]
+    if not os.path.isfile(path):
+        raise VideoDecodeError(f"video file not found: {path}")
+    return av.open(path, mode="r")
+
+
+def _count_frames(container, stream) -> int:
+    """Frames in the stream: from the header when it says, else by demuxing (no decoding)."""
+    if stream.frames > 0:
+        return int(stream.frames)
+    count = sum(1 for packet in container.demux(stream) if packet.size > 0)
+    container.seek(0)
+    return count
+
+
+def _decode_at(container, stream, wanted: list[int]) -> tuple[dict[int, np.ndarray], int]:
+    """Decode the stream once, keeping RGB arrays of the wanted indices; also returns the frame count."""
+    wanted_set, kept, index = set(wanted), {}, -1
+    for index, frame in enumerate(container.decode(stream)):
+        if index in wanted_set:
+            kept[index] = frame.to_ndarray(format="rgb24")
+    return kept, index + 1
+
+
+def decode_video(source: str | os.PathLike | bytes, sampling: SamplingConfig | None = None) -> DecodedVideo:
+    """Decode a video file (path, ``file://`` URL or bytes) and keep the sampled frames."""
+    sampling = sampling or SamplingConfig()
+    try:
+        container = _open(source)
+    except av.FFmpegError as err:
+        raise VideoDecodeError(f"cannot open the video: {err}") from err
+    with container:
+        if not container.streams.video:
+            raise VideoDecodeError("the file has no video stream")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        try:
+            rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+            source_fps = float(rate) if rate else 0.0
+            if not source_fps > 0:
+                raise VideoDecodeError("the video stream has no frame rate")
+            total = _count_frames(container, stream)
+            indices = sample_frame_indices(total, source_fps, sampling)
+            kept, decoded = _decode_at(container, stream, indices)
+            if decoded != total:  # the header lied: sample again from the true count
+                container.seek(0)
+                total = decoded
+                indices = sample_frame_indices(total, source_fps, sampling)
+                kept, _ = _decode_at(container, stream, indices)
+        except av.FFmpegError as err:
+            raise VideoDecodeError(f"cannot decode the video: {err}") from err
+    missing = sorted(set(indices) - set(kept))
+    if missing:
+        raise VideoDecodeError(f"frames {missing[:8]} could not be decoded")
+    frames = np.stack([kept[i] for i in indices])
+    return DecodedVideo(frames=frames, frame_indices=indices, source_fps=source_fps, total_frames=total)
+
+
+def target_size(height: int, width: int, num_frames: int, config: PreprocessConfig) -> tuple[int, int]:
+    """(height, width) after qwen-vl-utils' video resizing rule for ``num_frames`` frames."""
+    f = config.factor
+    # qwen-vl-utils' per-frame bound for videos: at most VIDEO_MAX_TOKEN_NUM tokens per frame and a
+    # share of total_pixels, never under min_pixels; then capped by the caller's max_pixels.
+    cap = max(
+        min(qwen_vl.VIDEO_MAX_TOKEN_NUM * f * f, config.total_pixels / num_frames * _FRAME_FACTOR),
+        int(config.min_pixels * 1.05),
+    )
+    max_pixels = min(config.max_pixels, cap)
+    if max_pixels < config.min_pixels:
+        raise ValueError(f"max_pixels={config.max_pixels} is below min_pixels={config.min_pixels}")
+    try:
+        return qwen_vl.smart_resize(
+            height, width, factor=f, min_pixels=config.min_pixels, max_pixels=max_pixels
+        )
+    except ValueError as err:  # aspect ratio over qwen-vl-utils' MAX_RATIO
+        raise VideoDecodeError(f"frame size {width}x{height} cannot be used: {err}") from err
+
+
+def resize_frames(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """[T, 3, H, W] uint8 -> [T, 3, h, w] float32 with integer values (bicubic, antialiased).
+
+    Resizing the uint8 tensor rounds to uint8 like qwen-vl-utils' ``fetch_video`` does.
+    """
+    out = tvf.resize(frames, list(size), interpolation=InterpolationMode.BICUBIC, antialias=True)
+    return out.float()
+
+
+def patchify(frames: torch.Tensor, config: PreprocessConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised frames [T, C, H, W] (T even, H, W multiples of 28) -> (pixel_values, grid_thw).
+
+    pixel_values [gt·gh·gw, C·tp·p·p] in the Qwen2-VL order: merge windows of 2×2 patches are
+    contiguous (t, h/2, w/2, 2, 2), each row is (C, tp, p, p).
+    """
+    t, c, h, w = frames.shape
+    tp, p, m = config.temporal_patch_size, config.patch_size, config.merge_size
+    if t % tp or h % (p * m) or w % (p * m):
+        raise ValueError(f"frames [T={t}, H={h}, W={w}] need T % {tp} == 0 and H, W multiples of {p * m}")
+    gt, gh, gw = t // tp, h // p, w // p
+    x = frames.reshape(gt, tp, c, gh // m, m, p, gw // m, m, p)
+    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)  # gt, gh/m, gw/m, m, m, C, tp, p, p
+    pixel_values = x.reshape(gt * gh * gw, c * tp * p * p)
+    grid_thw = torch.tensor([[gt, gh, gw]], dtype=torch.long, device=frames.device)
+    return pixel_values, grid_thw
+
+
+def preprocess_frames(
+    frames: np.ndarray | torch.Tensor,
+    config: PreprocessConfig | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> VisionInputs:
+    """uint8 RGB frames [T, H, W, 3] -> ViT inputs, resized and normalised on ``device``.
+
+    An odd T is padded by repeating the last frame (the temporal patch needs pairs).
+    """
+    config = config or PreprocessConfig()
+    x = torch.as_tensor(frames)
+    if x.ndim != 4 or x.shape[-1] != 3 or x.dtype != torch.uint8:
+        raise ValueError(f"frames must be uint8 [T, H, W, 3], got {x.dtype} {list(x.shape)}")
+    if x.shape[0] == 0:
+        raise VideoDecodeError("the video has no frames")
+    if x.shape[0] % _FRAME_FACTOR:
+        x = torch.cat([x, x[-1:].expand(_FRAME_FACTOR - x.shape[0] % _FRAME_FACTOR, -1, -1, -1)])
+    t, h, w, _ = x.shape
+    size = target_size(h, w, t, config)
+    x = x.to(device=device, non_blocking=True).permute(0, 3, 1, 2)  # [T, 3, H, W]
+    x = resize_frames(x, size)
+    mean = torch.tensor(config.image_mean, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(config.image_std, device=x.device).view(1, 3, 1, 1)
+    x = (x / 255.0 - mean) / std
+    pixel_values, grid_thw = patchify(x, config)
+    return VisionInputs(pixel_values.to(dtype), grid_thw, size, num_frames=t, merge_size=config.merge_size)
