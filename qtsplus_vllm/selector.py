@@ -283,10 +283,19 @@ class QTSplusSelector(nn.Module):
         return kept
 
     @torch.inference_mode()
-    def select(self, vision_embeds: torch.Tensor, question_embeds: torch.Tensor) -> Selection:
+    def select(
+        self,
+        vision_embeds: torch.Tensor,
+        question_embeds: torch.Tensor,
+        rho_scale: float = 1.0,
+        rho_bounds: tuple[float, float] = (0.0, 1.0),
+        max_tokens: int | None = None,
+    ) -> Selection:
         """Select and re-encode the visual tokens of one video for one question.
 
         vision_embeds [M, D], question_embeds [L, D] (cast to the selector's dtype/device).
+        Serving controls (defaults leave DESIGN §2 unchanged): rho' = clamp(rho * rho_scale,
+        *rho_bounds) and n = min(max(ceil(rho' * M), 1), nmax, max_tokens); ``Selection.rho`` is rho'.
         """
         self._check_inputs(vision_embeds, question_embeds)
         p = self.budget.mlp[0].weight
@@ -294,7 +303,9 @@ class QTSplusSelector(nn.Module):
         q = question_embeds.to(device=p.device, dtype=p.dtype)
         r = self.score(x, q)
         rho = self.predict_rho(r, q)
-        n = budget_count(rho, x.shape[0], self.nmax)
+        if rho_scale != 1.0 or rho_bounds != (0.0, 1.0):
+            rho = (rho * rho_scale).clamp(*rho_bounds)
+        n = budget_count(rho, x.shape[0], self.nmax if max_tokens is None else min(self.nmax, max_tokens))
         indices = select_top(r, n)
         return Selection(indices=indices, embeds=self.reencode(x[indices]), n=n, rho=float(rho), scores=r)
 

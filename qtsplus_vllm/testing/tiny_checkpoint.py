@@ -273,11 +273,11 @@ def write_tiny_checkpoint(
     out_dir: str | Path,
     *,
     seed: int = 0,
-    hidden: int = 64,
+    hidden: int = 128,
     layers: int = 2,
     heads: int = 4,
     kv_heads: int = 2,
-    intermediate: int = 128,
+    intermediate: int = 256,
     vision_depth: int = 2,
     vision_hidden: int = 160,
     vision_intermediate: int = 96,
@@ -298,7 +298,7 @@ def write_tiny_checkpoint(
     """Write a random-weight QTSplus checkpoint directory (released format) and return its path.
 
     Defaults: LM D=64, 2 layers, H=4, Hkv=2 (Dh=16), FFN 128, vocab 512 (470 tokens), untied;
-    ViT depth 2, hidden 160 (2 heads of 80), MLP 96, merger 640 -> 64; selector 1 scoring + 1
+    ViT depth 2, hidden 160 (2 heads of 80), MLP 96, merger 640 -> 128; selector 1 scoring + 1
     re-encode layer. About 1.2M parameters (4.7 MB in fp32), mostly the ViT.
 
     ``hidden``/``layers``/``heads``/``kv_heads``/``intermediate`` size the LM (D, H, Hkv);

@@ -151,7 +151,10 @@ def test_rewriting_a_directory_replaces_the_weight_layout(tmp_path):
     assert not (path / SINGLE_FILE).exists()
     name = "model.norm.weight"
     torch.testing.assert_close(
-        CheckpointReader(path).load([name])[name], init_tensor(name, torch.Size([64]), seed=3), rtol=0, atol=0
+        CheckpointReader(path).load([name])[name],
+        init_tensor(name, torch.Size([128]), seed=3),
+        rtol=0,
+        atol=0,
     )
 
 
@@ -215,7 +218,7 @@ def test_tied_checkpoint_has_no_lm_head(tiny, tmp_path):
 def test_projector_is_written_only_when_asked(tmp_path):
     path = write_tiny_checkpoint(tmp_path / "p", with_projector=True, vision_out_hidden=48)
     reader = CheckpointReader(path)
-    assert reader.shapes("model.mm_projector.", strip=False) == {"model.mm_projector.weight": [64, 48]}
+    assert reader.shapes("model.mm_projector.", strip=False) == {"model.mm_projector.weight": [128, 48]}
     assert reader.shapes(VISION_PREFIX)["merger.mlp.2.weight"] == [48, 640]
     validate_checkpoint(load_config(path), reader)
     with pytest.raises(ValueError, match="vision_out_hidden=48"):
@@ -268,7 +271,7 @@ def test_vision_config_is_inferred_from_weights(tmp_path):
     path = write_tiny_checkpoint(tmp_path / "m", vision_depth=3, vision_hidden=240, vision_intermediate=72)
     vision = resolve_vision_config(load_config(path), CheckpointReader(path).shapes(VISION_PREFIX))
     assert (vision.depth, vision.hidden_size, vision.num_heads) == (3, 240, 3)
-    assert (vision.out_hidden_size, vision.intermediate_size) == (64, 72)
+    assert (vision.out_hidden_size, vision.intermediate_size) == (128, 72)
     assert (vision.patch_size, vision.temporal_patch_size, vision.spatial_merge_size) == (14, 2, 2)
     assert list(vision.fullatt_block_indexes) == [] and vision.window_size == 112
     with pytest.raises(ValueError, match="vision_hidden=96"):
@@ -298,7 +301,7 @@ def test_vision_config_dict_is_used_and_checked(tmp_path):
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"num_attention_heads": 5}, r"hidden_size=64 is not divisible by num_attention_heads=5"),
+        ({"num_attention_heads": 5}, r"hidden_size=128 is not divisible by num_attention_heads=5"),
         ({"num_key_value_heads": 3}, r"num_key_value_heads=3"),
         (
             {"qts_plus_rho_min": 0.6, "qts_plus_rho_max": 0.5},
@@ -343,8 +346,8 @@ def test_missing_tensor_is_named(tmp_path, key, message):
 def test_selector_tensor_with_wrong_shape_is_named(tmp_path):
     path = write_tiny_checkpoint(tmp_path / "m")
     key = "model.qts_plus.selector.scoring_layers.0.k_proj.weight"
-    edit_weights(path, lambda w: w.update({key: torch.zeros(48, 64)}))
-    with pytest.raises(CheckpointError, match=re.escape(f"{key}: checkpoint [48, 64] vs config [32, 64]")):
+    edit_weights(path, lambda w: w.update({key: torch.zeros(48, 128)}))
+    with pytest.raises(CheckpointError, match=re.escape(f"{key}: checkpoint [48, 128] vs config [64, 128]")):
         validate_checkpoint(load_config(path), CheckpointReader(path))
 
 

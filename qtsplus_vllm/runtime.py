@@ -1,0 +1,173 @@
+"""The selection runtime: frames + question ids -> the n rows a video contributes (torch only).
+
+One runtime per (checkpoint, device, dtype) and process, loaded lazily by :func:`get_runtime` the
+first time a real video arrives — never at import, never for profiling dummies — because vLLM
+creates processor objects in every process (API server, engine core, workers).
+
+It holds the Qwen2.5-VL ViT, the QTS+ selector and the LM's ``embed_tokens`` matrix (kept on the
+CPU: only the L question rows are gathered and moved). Frames are resized, normalised and
+patchified on the runtime's device.
+
+Device: ``QTSPLUS_DEVICE`` (e.g. ``cuda:1``), else the first CUDA device when there is one, else
+the CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import CheckpointReader, load_config, validate_checkpoint
+from .config import SELECTOR_PREFIX
+from .options import SelectionOptions
+from .selector import QTSplusSelector
+from .video import preprocess_frames
+from .vision import VisionEncoder
+
+EMBED_KEY = "model.embed_tokens.weight"
+
+
+def default_device() -> torch.device:
+    """``QTSPLUS_DEVICE`` if set, else cuda:0 when CUDA is available, else cpu."""
+    name = os.environ.get("QTSPLUS_DEVICE", "").strip()
+    if name:
+        device = torch.device(name)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"QTSPLUS_DEVICE={name!r} but CUDA is not available in this process")
+        return device
+    return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_model_dir(model: str, revision: str | None = None) -> Path:
+    """A local directory for ``model``: the path itself, or the Hugging Face cache snapshot of a repo id.
+
+    vLLM has already fetched the repository's weights for the engine by the time a request arrives,
+    so for a repo id this normally resolves from the local cache.
+    """
+    if os.path.isdir(model):
+        return Path(model)
+    from huggingface_hub import snapshot_download
+
+    return Path(
+        snapshot_download(model, revision=revision, allow_patterns=["*.json", "*.safetensors", "*.jinja"])
+    )
+
+
+@dataclass
+class VideoSelection:
+    """What one video contributes to the prompt.
+
+    embeds:  [n, D] CPU rows in the model dtype (re-encoded kept tokens, or all M ViT tokens when
+             selection is off).
+    indices: [n] int64 CPU, ascending positions of the kept tokens among the M.
+    """
+
+    embeds: torch.Tensor
+    indices: torch.Tensor
+    num_visual_tokens: int  # M
+    rho: float | None  # None when selection is off
+    num_frames: int
+    grid_thw: tuple[int, int, int]
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        return int(self.embeds.shape[0])
+
+
+class SelectionRuntime:
+    """ViT + selector + question embeddings for one checkpoint on one device."""
+
+    def __init__(self, model_dir: str | os.PathLike, dtype: torch.dtype, device: str | torch.device):
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.config = load_config(model_dir)
+        reader = CheckpointReader(model_dir)
+        validate_checkpoint(self.config, reader)
+        self.vision = VisionEncoder.from_checkpoint(reader, self.config, device=self.device, dtype=dtype)
+        self.selector = QTSplusSelector.from_config(self.config).to(device=self.device, dtype=dtype).eval()
+        self.selector.load_state_dict(reader.load_prefix(SELECTOR_PREFIX, dtype=dtype, device=self.device))
+        self.embed_tokens = reader.load([EMBED_KEY], dtype=dtype)[EMBED_KEY]  # [V, D], stays on CPU
+        self.lock = threading.Lock()
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def embed_question(self, question_ids: list[int]) -> torch.Tensor:
+        """[L, D] raw LM embeddings of the question tokens, on the runtime's device."""
+        ids = torch.tensor(question_ids, dtype=torch.long)
+        if ids.numel() == 0:
+            raise ValueError("the question has no tokens")
+        if int(ids.max()) >= self.embed_tokens.shape[0] or int(ids.min()) < 0:
+            raise ValueError(f"question token ids outside the vocabulary [0, {self.embed_tokens.shape[0]})")
+        return self.embed_tokens[ids].to(self.device, non_blocking=True)
+
+    @torch.inference_mode()
+    def select(
+        self, frames: np.ndarray, question_ids: list[int], options: SelectionOptions
+    ) -> VideoSelection:
+        """uint8 frames [T, H, W, 3] and question token ids -> the rows for the LM (thread-safe)."""
+        with self.lock:
+            timings = {}
+            clock = time.perf_counter()
+            inputs = preprocess_frames(
+                frames, options.preprocess_config(), device=self.device, dtype=self.dtype
+            )
+            self._sync()
+            timings["preprocess_ms"] = (time.perf_counter() - clock) * 1e3
+
+            clock = time.perf_counter()
+            visual = self.vision(inputs.pixel_values, inputs.grid_thw)  # [M, D]
+            self._sync()
+            timings["vit_ms"] = (time.perf_counter() - clock) * 1e3
+
+            clock = time.perf_counter()
+            m = visual.shape[0]
+            if options.select:
+                selection = self.selector.select(
+                    visual,
+                    self.embed_question(question_ids),
+                    rho_scale=options.rho_scale,
+                    rho_bounds=(options.rho_min, options.rho_max),
+                    max_tokens=options.max_tokens,
+                )
+                rows, indices, rho = selection.embeds, selection.indices, selection.rho
+            else:  # the no-selection baseline: every ViT token, in temporal order, no re-encode
+                rows, indices, rho = visual, torch.arange(m, device=visual.device), None
+            rows = rows.to("cpu", self.dtype)
+            self._sync()
+            timings["selector_ms"] = (time.perf_counter() - clock) * 1e3
+        t, h, w = (int(v) for v in inputs.grid_thw[0])
+        return VideoSelection(
+            embeds=rows.contiguous(),
+            indices=indices.cpu(),
+            num_visual_tokens=m,
+            rho=rho,
+            num_frames=inputs.num_frames,
+            grid_thw=(t, h, w),
+            timings_ms=timings,
+        )
+
+
+_RUNTIMES: dict[tuple[str, str, torch.dtype], SelectionRuntime] = {}
+_RUNTIMES_LOCK = threading.Lock()
+
+
+def get_runtime(
+    model_dir: str | os.PathLike, dtype: torch.dtype, device: torch.device | None = None
+) -> SelectionRuntime:
+    """The process-global runtime for this checkpoint, device and dtype (loaded on first use)."""
+    device = device or default_device()
+    key = (str(Path(model_dir).resolve()), str(device), dtype)
+    with _RUNTIMES_LOCK:
+        runtime = _RUNTIMES.get(key)
+        if runtime is None:
+            runtime = _RUNTIMES[key] = SelectionRuntime(model_dir, dtype, device)
+        return runtime

@@ -1,0 +1,1 @@
+"""vLLM-facing layer: plugin registration targets, processor, model, video loader."""

@@ -1,0 +1,166 @@
+"""The vLLM multimodal processor: QTS+ selection before scheduling.
+
+vLLM fixes a request's prompt length, and so its KV blocks, in the processor, before the scheduler
+sees it. n depends on the video *and* the question, so the selection runs here, in the API-server
+process: recover the question from the prompt ids, run ViT -> selector on the lazily loaded runtime,
+return the n rows as a CPU field and expand the single ``<|video_pad|>`` to exactly n tokens.
+
+The question and every setting that changes the selection go into the processor kwargs before the
+multimodal hash is taken, so the processor cache, the encoder cache and prefix caching never hand
+one question's selection to another (DESIGN §9, trap 1).
+
+Profiling and warm-up run in every vLLM process with dummy inputs: those are pass-through rows of
+``get_mm_max_tokens_per_item`` = nmax tokens and never load the ViT or the selector.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+from transformers import BatchFeature
+from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
+from vllm.multimodal.parse import EmbeddingItems, MultiModalDataItems, VideoProcessorItems
+from vllm.multimodal.processing import (
+    BaseDummyInputsBuilder,
+    BaseMultiModalProcessor,
+    BaseProcessingInfo,
+    ProcessorInputs,
+    PromptReplacement,
+    PromptUpdate,
+)
+
+from ..config import QTSplusConfig
+from ..options import SelectionOptions, parse_options
+from ..question import extract_question_ids
+from ..runtime import get_runtime, resolve_model_dir
+
+# Under vLLM's logger tree, so the line shows with vLLM's own log configuration.
+logger = logging.getLogger("vllm.qtsplus")
+
+VIDEO_PLACEHOLDER = "<|vision_start|><|video_pad|><|vision_end|>"
+# Private processor kwarg carrying (question ids, selection settings): hashed by vLLM, never
+# forwarded to a Hugging Face processor.
+SELECTION_KEY = "_qtsplus_selection"
+SELECTED_FIELD = "qts_video_embeds"  # rows computed here
+PASSTHROUGH_FIELD = "video_embeds"  # rows given as embeddings (profiling dummies, trusted clients)
+
+
+class QTSplusProcessingInfo(BaseProcessingInfo):
+    def get_hf_config(self) -> QTSplusConfig:
+        return self.ctx.get_hf_config(QTSplusConfig)
+
+    def get_supported_mm_limits(self) -> Mapping[str, int | None]:
+        return {"video": 1}
+
+    def get_mm_max_tokens_per_item(self, seq_len: int, mm_counts: Mapping[str, int]) -> Mapping[str, int]:
+        return {"video": self.get_hf_config().qts_plus_nmax}
+
+    @property
+    def video_pad_id(self) -> int:
+        return self.get_tokenizer().convert_tokens_to_ids("<|video_pad|>")
+
+
+class QTSplusDummyInputsBuilder(BaseDummyInputsBuilder[QTSplusProcessingInfo]):
+    def get_dummy_text(self, mm_counts: Mapping[str, int]) -> str:
+        return VIDEO_PLACEHOLDER * mm_counts.get("video", 0)
+
+    def get_dummy_mm_data(self, seq_len: int, mm_counts: Mapping[str, int], mm_options=None):
+        """nmax zero rows per video, as embeddings: the largest item, with no ViT or selector."""
+        config = self.info.get_hf_config()
+        dtype = self.info.ctx.model_config.dtype
+        rows = config.qts_plus_nmax
+        return {
+            "video": [
+                torch.zeros(rows, config.hidden_size, dtype=dtype) for _ in range(mm_counts.get("video", 0))
+            ]
+        }
+
+
+def _as_frames(video: object) -> np.ndarray:
+    """The decoded frames of one item as uint8 [T, H, W, 3]."""
+    if isinstance(video, torch.Tensor):
+        video = video.cpu().numpy()
+    elif isinstance(video, list):
+        video = np.stack([np.asarray(frame) for frame in video])
+    frames = np.asarray(video)
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"a video must decode to frames [T, H, W, 3], got shape {list(frames.shape)}")
+    return frames.astype(np.uint8, copy=False)
+
+
+class QTSplusMultiModalProcessor(BaseMultiModalProcessor[QTSplusProcessingInfo]):
+    def apply(self, inputs: ProcessorInputs, timing_ctx):
+        """Put the question and the effective settings into the (hashed) processor kwargs."""
+        videos = inputs.mm_data_items.get("video")
+        if isinstance(videos, VideoProcessorItems):
+            request_kwargs = {k: v for k, v in inputs.hf_processor_mm_kwargs.items() if k != SELECTION_KEY}
+            merged = self.info.ctx.get_mm_config().merge_mm_processor_kwargs(request_kwargs)
+            options = parse_options(merged)
+            question_ids = extract_question_ids(inputs.prompt, self.info.get_tokenizer())
+            inputs = dataclasses.replace(
+                inputs,
+                hf_processor_mm_kwargs={
+                    **request_kwargs,
+                    SELECTION_KEY: (tuple(question_ids), options.cache_key()),
+                },
+            )
+        return super().apply(inputs, timing_ctx)
+
+    def _runtime(self):
+        model_config = self.info.ctx.model_config
+        return get_runtime(resolve_model_dir(model_config.model, model_config.revision), model_config.dtype)
+
+    def _apply_hf_processor_main(
+        self, mm_items: MultiModalDataItems, hf_kwargs: Mapping[str, object]
+    ) -> BatchFeature:
+        out = BatchFeature()
+        videos = mm_items.get("video")
+        if isinstance(videos, EmbeddingItems):
+            out[PASSTHROUGH_FIELD] = [videos.get(i) for i in range(len(videos))]
+        elif isinstance(videos, VideoProcessorItems) and len(videos) > 0:
+            question_ids, settings = hf_kwargs[SELECTION_KEY]
+            options = SelectionOptions(**dict(settings))
+            runtime = self._runtime()
+            rows = []
+            for i in range(len(videos)):
+                result = runtime.select(_as_frames(videos.get(i)), list(question_ids), options)
+                rows.append(result.embeds)
+                logger.info(
+                    "QTSplus video: frames=%d M=%d n=%d rho=%s kept=%.1f%% preprocess_ms=%.1f vit_ms=%.1f "
+                    "selector_ms=%.1f",
+                    result.num_frames,
+                    result.num_visual_tokens,
+                    result.n,
+                    "off" if result.rho is None else f"{result.rho:.4f}",
+                    100.0 * result.n / result.num_visual_tokens,
+                    result.timings_ms["preprocess_ms"],
+                    result.timings_ms["vit_ms"],
+                    result.timings_ms["selector_ms"],
+                )
+            out[SELECTED_FIELD] = rows
+        return out
+
+    def _get_mm_fields_config(self, hf_inputs: BatchFeature, hf_processor_mm_kwargs: Mapping[str, object]):
+        return {
+            SELECTED_FIELD: MultiModalFieldConfig.batched("video"),
+            PASSTHROUGH_FIELD: MultiModalFieldConfig.batched("video"),
+        }
+
+    def _get_prompt_updates(
+        self,
+        mm_items: MultiModalDataItems,
+        hf_processor_mm_kwargs: Mapping[str, object],
+        out_mm_kwargs: MultiModalKwargsItems,
+    ) -> Sequence[PromptUpdate]:
+        pad = self.info.video_pad_id
+
+        def expand(item_idx: int) -> list[int]:
+            item = out_mm_kwargs["video"][item_idx]
+            field = item[SELECTED_FIELD] if SELECTED_FIELD in item else item[PASSTHROUGH_FIELD]
+            return [pad] * int(field.data.shape[0])
+
+        return [PromptReplacement(modality="video", target=[pad], replacement=expand)]

@@ -1,0 +1,139 @@
+"""vLLM video loader that samples frames like qwen-vl-utils (DESIGN §2.1, §9 trap 7).
+
+vLLM decodes ``video_url`` parts in the API server with ``VideoMediaIO``, which calls
+``loader.load_bytes(data, num_frames=..., **media_io_kwargs["video"])``. Its default loader keeps
+32 frames; :class:`QTSplusVideoLoader` decodes with :func:`qtsplus_vllm.video.decode_video`
+(PyAV, ``smart_nframes``, even count) instead.
+
+Selection, in vLLM's order (media/connector.py ``fetch_video`` then ``VideoMediaIO.__init__``):
+
+1. ``media_io_kwargs["video"]["video_backend"]`` (server ``--media-io-kwargs`` or, with
+   ``--trust-request-mm-kwargs``, the request);
+2. the loader bound to the model's video processor name: :func:`register_video_loader` binds
+   ``"qtsplus"`` to ``QTSplusVideoProcessor`` and maps our model_type to that name, so a plain
+   ``vllm serve <QTSplus checkpoint>`` uses this loader;
+3. only then ``VLLM_VIDEO_LOADER_BACKEND`` (default ``"opencv"``).
+
+``media_io_kwargs["video"]`` keys (server ``--media-io-kwargs '{"video": {"fps": 2, "max_frames": 64}}'``,
+request values win key by key):
+
+==========  ================================================  =====================================
+key         meaning                                           allowed (default)
+==========  ================================================  =====================================
+fps         frames kept per second of video                   finite number > 0 (1.0, the demo's)
+min_frames  lower bound on the frame count                    integer 1 .. max_frames (4)
+max_frames  upper bound on the frame count                    integer 2 .. 2048 (768)
+==========  ================================================  =====================================
+
+The count is ``smart_nframes``: clamp(duration · fps, min_frames, max_frames), at most the
+source's frames, rounded down to even. ``num_frames`` (always passed by ``VideoMediaIO``,
+default 32) is ignored: use ``max_frames`` / ``fps``. Because ``VideoMediaIO.merge_kwargs``
+drops the server's ``fps`` when a request sets only ``num_frames``, such a request gets our
+default fps 1.0 (with the server's min/max_frames). ``video_backend``, ``backend`` and ``device``
+are ignored too: vLLM itself may put them there (``backend``/``device`` for encode-only GPU
+instances, config/vllm.py), and we always decode with PyAV on the CPU. Any other key, or a bad
+value, raises ``ValueError`` (HTTP 400).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from vllm.multimodal.video import VIDEO_LOADER_REGISTRY, VideoLoader
+
+from ..config import MODEL_TYPE
+from ..video import SamplingConfig, VideoDecodeError, decode_video
+
+LOADER_NAME = "qtsplus"
+VIDEO_PROCESSOR_NAME = "QTSplusVideoProcessor"  # a name only: no such class exists or is needed
+
+# Frames stay at source resolution until the processor resizes them, so the ceiling bounds the
+# API server's memory per video: 2048 frames of 720p RGB are about 5.7 GB.
+MAX_FRAMES_LIMIT = 2048
+
+ACCEPTED_KWARGS = ("fps", "min_frames", "max_frames")
+IGNORED_KWARGS = ("num_frames", "video_backend", "backend", "device")
+
+
+def _bad(key: str, value: object, allowed: str) -> ValueError:
+    return ValueError(f"media_io_kwargs['video'][{key!r}]={value!r} is invalid: allowed {allowed}")
+
+
+def _integer(key: str, value: object, lo: int, hi: int) -> int:
+    # JSON may spell an integer as 64.0; bool is an int subclass but never a frame count
+    ok = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+    if isinstance(value, bool) or not ok or not lo <= value <= hi:
+        raise _bad(key, value, f"an integer in [{lo}, {hi}]")
+    return int(value)
+
+
+def sampling_from_kwargs(kwargs: Mapping[str, Any]) -> SamplingConfig:
+    """Validate ``media_io_kwargs["video"]`` and build the frame sampling settings."""
+    unknown = sorted(set(kwargs) - set(ACCEPTED_KWARGS) - set(IGNORED_KWARGS))
+    if unknown:
+        raise ValueError(
+            f"media_io_kwargs['video'] has unknown key(s) {unknown} for the {LOADER_NAME!r} video loader; "
+            f"accepted: {list(ACCEPTED_KWARGS)} (ignored: {list(IGNORED_KWARGS)})"
+        )
+    defaults = SamplingConfig()
+    fps = kwargs.get("fps", defaults.fps)
+    if isinstance(fps, bool) or not isinstance(fps, int | float) or not (math.isfinite(fps) and fps > 0):
+        raise _bad("fps", fps, "a finite number > 0")
+    max_frames = _integer("max_frames", kwargs.get("max_frames", defaults.max_frames), 2, MAX_FRAMES_LIMIT)
+    min_frames = _integer("min_frames", kwargs.get("min_frames", defaults.min_frames), 1, max_frames)
+    return SamplingConfig(fps=float(fps), min_frames=min_frames, max_frames=max_frames)
+
+
+class QTSplusVideoLoader(VideoLoader):
+    """Decodes video bytes with PyAV and keeps qwen-vl-utils' frames (see the module docstring)."""
+
+    @classmethod
+    def load_bytes(
+        cls, data: bytes, num_frames: int = -1, **kwargs: Any
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        """Video file bytes -> (frames [T, H, W, 3] uint8 RGB, T even; metadata).
+
+        ``num_frames`` is accepted and ignored. The metadata has the keys of
+        ``VideoLoader.create_hf_metadata``; vLLM hashes it with the bytes, so the same video
+        sampled differently is a different cache entry.
+        """
+        sampling = sampling_from_kwargs(kwargs)
+        if not data:
+            raise VideoDecodeError("the video is empty (0 bytes)")
+        try:
+            video = decode_video(bytes(data), sampling)
+        except VideoDecodeError as err:
+            raise VideoDecodeError(f"cannot load the video ({len(data)} bytes): {err}") from err
+        metadata = {
+            "total_num_frames": video.total_frames,
+            "fps": video.source_fps,
+            "duration": video.total_frames / video.source_fps,
+            "video_backend": LOADER_NAME,
+            "frames_indices": [int(i) for i in video.frame_indices],
+            # the frames are already sampled: a Hugging Face video processor must not sample again
+            "do_sample_frames": False,
+        }
+        return video.frames, metadata
+
+
+def register_video_loader() -> None:
+    """Register :class:`QTSplusVideoLoader` as ``"qtsplus"`` and make it our model's default.
+
+    Cheap and idempotent (no CUDA); run in every vLLM process by the plugin, before vLLM reads the
+    model's video processor name (which it caches per model).
+    """
+    VIDEO_LOADER_REGISTRY.register(LOADER_NAME, video_processor=VIDEO_PROCESSOR_NAME)(QTSplusVideoLoader)
+    # Released checkpoints name no video_processor_type, so vLLM falls back to this mapping by
+    # model_type. Only vLLM's loader selection reads it by key: transformers' own lookups go
+    # through VIDEO_PROCESSOR_MAPPING, which skips model types absent from CONFIG_MAPPING_NAMES
+    # (ours is registered at runtime), so nothing tries to import the class.
+    from transformers.models.auto.video_processing_auto import VIDEO_PROCESSOR_MAPPING_NAMES
+
+    if MODEL_TYPE not in VIDEO_PROCESSOR_MAPPING_NAMES:
+        # transformers >= 5.19 maps to {backend: name}, earlier versions to a name
+        sample = next(iter(VIDEO_PROCESSOR_MAPPING_NAMES.values()), None)
+        entry = {"torchvision": VIDEO_PROCESSOR_NAME} if isinstance(sample, dict) else VIDEO_PROCESSOR_NAME
+        VIDEO_PROCESSOR_MAPPING_NAMES[MODEL_TYPE] = entry
