@@ -1,0 +1,82 @@
+"""The selection runtime the vLLM processor calls (torch only)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qtsplus_vllm.options import SelectionOptions
+from qtsplus_vllm.reference import ReferencePipeline
+from qtsplus_vllm.runtime import default_device, get_runtime
+from qtsplus_vllm.testing import write_tiny_checkpoint
+from qtsplus_vllm.testing.videos import render_frames
+
+QUESTION = "What is moving in the video?"
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("runtime") / "m", seed=4)
+
+
+@pytest.fixture(scope="module")
+def runtime(model):
+    return get_runtime(model, torch.float32, torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def frames():
+    return render_frames(8, (96, 64), seed=2)
+
+
+def test_rows_equal_the_oracle_selection(model, runtime, frames):
+    oracle = ReferencePipeline(model)
+    q_ids = oracle.question_ids(QUESTION)
+    result = runtime.select(frames, q_ids, SelectionOptions())
+    expected = oracle.answer(frames, QUESTION, max_new_tokens=1).selection
+    assert result.n == expected.n and result.rho == pytest.approx(expected.rho)
+    assert torch.equal(result.indices, expected.indices.cpu())
+    torch.testing.assert_close(result.embeds, expected.embeds.cpu(), rtol=1e-5, atol=1e-6)
+    assert result.embeds.device.type == "cpu" and result.embeds.dtype == torch.float32
+    assert result.num_visual_tokens == 4 * 10 * 14 and result.num_frames == 8
+    assert set(result.timings_ms) == {"preprocess_ms", "vit_ms", "selector_ms"}
+
+
+def test_selection_off_keeps_every_vit_token(model, runtime, frames):
+    oracle = ReferencePipeline(model)
+    result = runtime.select(frames, oracle.question_ids(QUESTION), SelectionOptions(select=False))
+    assert result.n == result.num_visual_tokens and result.rho is None
+    assert torch.equal(result.indices, torch.arange(result.n))
+
+
+def test_budget_controls(runtime, frames):
+    q = [5, 6, 7]
+    base = runtime.select(frames, q, SelectionOptions())
+    capped = runtime.select(frames, q, SelectionOptions(max_tokens=7))
+    assert capped.n == 7 and torch.equal(capped.indices, base.indices[torch.isin(base.indices, capped.indices)])
+    doubled = runtime.select(frames, q, SelectionOptions(rho_scale=2.0))
+    assert doubled.rho == pytest.approx(min(2 * base.rho, 1.0), rel=1e-6)
+    floor = runtime.select(frames, q, SelectionOptions(rho_min=0.9))
+    assert floor.rho == pytest.approx(0.9)
+    assert floor.n == min(-(-9 * floor.num_visual_tokens // 10), runtime.config.qts_plus_nmax)  # nmax binds
+    smaller = runtime.select(frames, q, SelectionOptions(max_pixels=28 * 28 * 4, min_pixels=28 * 28))
+    assert smaller.num_visual_tokens < base.num_visual_tokens
+
+
+def test_runtime_is_process_global(model, runtime):
+    assert get_runtime(model, torch.float32, torch.device("cpu")) is runtime
+    assert get_runtime(model, torch.bfloat16, torch.device("cpu")) is not runtime
+
+
+def test_bad_question_ids_are_rejected(runtime, frames):
+    with pytest.raises(ValueError, match="vocabulary"):
+        runtime.select(frames, [10**7], SelectionOptions())
+
+
+def test_device_from_environment(monkeypatch):
+    monkeypatch.setenv("QTSPLUS_DEVICE", "cpu")
+    assert default_device() == torch.device("cpu")
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("QTSPLUS_DEVICE", "cuda:1")
+        with pytest.raises(RuntimeError, match="QTSPLUS_DEVICE"):
+            default_device()
