@@ -93,6 +93,11 @@ def _as_frames(video: object) -> np.ndarray:
 
 
 class QTSplusMultiModalProcessor(BaseMultiModalProcessor[QTSplusProcessingInfo]):
+    def __init__(self, info: QTSplusProcessingInfo, dummy_inputs: QTSplusDummyInputsBuilder) -> None:
+        super().__init__(info, dummy_inputs)
+        # Server defaults (--mm-processor-kwargs) are checked when the server starts, not per request.
+        parse_options(info.ctx.get_mm_config().mm_processor_kwargs or {})
+
     def apply(self, inputs: ProcessorInputs, timing_ctx):
         """Put the question and the effective settings into the (hashed) processor kwargs."""
         videos = inputs.mm_data_items.get("video")

@@ -66,4 +66,6 @@ def test_cache_key_differs_for_every_setting():
             SelectionOptions(rho_scale=2.0).cache_key(), SelectionOptions(max_tokens=5).cache_key(),
             SelectionOptions(max_pixels=1000).cache_key()}  # fmt: skip
     assert len(keys) == 5
-    assert SelectionOptions(**dict(SelectionOptions(rho_min=0.2).cache_key())) == SelectionOptions(rho_min=0.2)
+    assert SelectionOptions(**dict(SelectionOptions(rho_min=0.2).cache_key())) == SelectionOptions(
+        rho_min=0.2
+    )

@@ -22,17 +22,28 @@ def user(text: str) -> str:
     [
         (SYSTEM + user(V + "What is moving?") + ASSISTANT, "What is moving?"),  # text after the video
         (SYSTEM + user("What is moving? " + V) + ASSISTANT, "What is moving?"),  # text before it
-        (SYSTEM + user("First look. " + V + "Then: what moves?") + ASSISTANT, "First look. Then: what moves?"),
+        (
+            SYSTEM + user("First look. " + V + "Then: what moves?") + ASSISTANT,
+            "First look. Then: what moves?",
+        ),
         (SYSTEM + user(V + "\nWhat is moving?") + ASSISTANT, "What is moving?"),  # vLLM "string" format
         (SYSTEM + user(V) + ASSISTANT, DEFAULT_QUESTION),  # a turn with no text
         (SYSTEM + user("   \n ") + ASSISTANT, DEFAULT_QUESTION),
         # multi-turn: the last user turn, the one being answered
         (
-            SYSTEM + user(V + "What is moving?") + ASSISTANT + "A square.<|im_end|>\n" + user("Which colour is it?") + ASSISTANT,
+            SYSTEM
+            + user(V + "What is moving?")
+            + ASSISTANT
+            + "A square.<|im_end|>\n"
+            + user("Which colour is it?")
+            + ASSISTANT,
             "Which colour is it?",
         ),
         # the system prompt is never the query
-        ("<|im_start|>system\nLook for dogs.<|im_end|>\n" + user(V + "Count the cars.") + ASSISTANT, "Count the cars."),
+        (
+            "<|im_start|>system\nLook for dogs.<|im_end|>\n" + user(V + "Count the cars.") + ASSISTANT,
+            "Count the cars.",
+        ),
         # a raw completion prompt: the whole text
         (V + "Describe the motion.", "Describe the motion."),
     ],

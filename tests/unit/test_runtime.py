@@ -53,7 +53,9 @@ def test_budget_controls(runtime, frames):
     q = [5, 6, 7]
     base = runtime.select(frames, q, SelectionOptions())
     capped = runtime.select(frames, q, SelectionOptions(max_tokens=7))
-    assert capped.n == 7 and torch.equal(capped.indices, base.indices[torch.isin(base.indices, capped.indices)])
+    assert capped.n == 7 and torch.equal(
+        capped.indices, base.indices[torch.isin(base.indices, capped.indices)]
+    )
     doubled = runtime.select(frames, q, SelectionOptions(rho_scale=2.0))
     assert doubled.rho == pytest.approx(min(2 * base.rho, 1.0), rel=1e-6)
     floor = runtime.select(frames, q, SelectionOptions(rho_min=0.9))

@@ -1,0 +1,78 @@
+"""Server-wide settings and other checkpoint layouts: a sharded, tied checkpoint served with
+``--mm-processor-kwargs`` / ``--media-io-kwargs`` defaults; an invalid default stops start-up."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from qtsplus_vllm.reference import ReferencePipeline
+from qtsplus_vllm.testing import make_video, write_tiny_checkpoint
+from qtsplus_vllm.testing.server import RemoteServer, ServerStartupError, cpu_serve_args
+from qtsplus_vllm.video import SamplingConfig
+
+QUESTION = "Where does the square go?"
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("defaults")
+    model = write_tiny_checkpoint(root / "model", seed=21, sharded=True, tied=True)
+    video = make_video(root / "clip.mp4", frames=48, size=(80, 64), fps=8.0, seed=3)
+    return root, model, video
+
+
+@pytest.fixture(scope="module")
+def client(assets, vllm_cache_root):
+    root, model, _ = assets
+    args = cpu_serve_args(max_model_len=4096) + [
+        "--allowed-local-media-path", str(root),
+        "--trust-request-mm-kwargs",
+        "--mm-processor-kwargs", json.dumps({"qtsplus_max_tokens": 9}),
+        "--media-io-kwargs", json.dumps({"video": {"fps": 2}}),
+    ]  # fmt: skip
+    with RemoteServer(model, args, cache_root=vllm_cache_root) as server:
+        yield server.get_client()
+
+
+def ask(client, video, extra=None):
+    return client.chat.completions.create(
+        model=client.models.list().data[0].id,
+        messages=[{"role": "user", "content": [
+            {"type": "video_url", "video_url": {"url": f"file://{video}"}},
+            {"type": "text", "text": QUESTION},
+        ]}],
+        temperature=0, max_tokens=6, extra_body={"return_token_ids": True, **(extra or {})},
+    )  # fmt: skip
+
+
+def test_server_defaults_apply_and_requests_override_them(assets, client):
+    _, model, video = assets
+    oracle = ReferencePipeline(model)
+    at_2fps = oracle.answer(video, QUESTION, max_new_tokens=6, sampling=SamplingConfig(fps=2.0))
+    served = ask(client, video)
+    pad = oracle.video_pad_id
+    assert served.prompt_token_ids.count(pad) == min(9, at_2fps.n)  # the server's cap
+    # a request overrides the server default: no cap -> exactly the oracle, token for token
+    uncapped = ask(client, video, {"mm_processor_kwargs": {"qtsplus_max_tokens": 100000}})
+    assert uncapped.prompt_token_ids == at_2fps.prompt_ids
+    assert uncapped.choices[0].token_ids == at_2fps.token_ids
+    # and the request's fps replaces the server's
+    at_1fps = oracle.answer(video, QUESTION, max_new_tokens=1)
+    off = ask(
+        client,
+        video,
+        {"mm_processor_kwargs": {"qtsplus_select": False}, "media_io_kwargs": {"video": {"fps": 1}}},
+    )
+    assert off.prompt_token_ids.count(pad) == at_1fps.num_visual_tokens
+
+
+def test_invalid_server_default_stops_start_up(assets, vllm_cache_root, tmp_path):
+    _, model, _ = assets
+    args = cpu_serve_args() + ["--mm-processor-kwargs", json.dumps({"qtsplus_rho_scale": 0})]
+    with pytest.raises(ServerStartupError, match="qtsplus_rho_scale"):
+        with RemoteServer(
+            model, args, cache_root=vllm_cache_root, startup_timeout=300, log_path=tmp_path / "log"
+        ):
+            pass
