@@ -149,3 +149,11 @@ def test_cli_reports_bad_video_without_traceback(tiny, tmp_path, capsys):
     code = main(["--model", str(tiny[0]), "--video", str(bad), "--question", QUESTION])
     assert code == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_demo_eager_mode_prints_the_oracle_answer(capsys):
+    from qtsplus_vllm.demo import main as demo
+
+    assert demo(["--eager", "--max-new-tokens", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "oracle:" in out and " M=" in out and " n=" in out
