@@ -25,7 +25,8 @@ from .config import (
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SUPPORTED_DTYPES = tuple(DTYPES.values())
 
 
 class CheckpointReader:

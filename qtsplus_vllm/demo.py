@@ -67,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
         model = args.model or str(write_tiny_checkpoint(Path(tmp) / "tiny-qtsplus"))
         video = Path(args.video or make_video(Path(tmp) / "clip.mp4", frames=64, size=(160, 120), fps=4.0))
         oracle = ReferencePipeline(model).answer(video, args.question, max_new_tokens=args.max_new_tokens)
-        served = None if args.eager else ask_server(model, video.resolve(), args.question, args.max_new_tokens)
+        served = (
+            None if args.eager else ask_server(model, video.resolve(), args.question, args.max_new_tokens)
+        )
 
     print(f"model:    {args.model or 'generated tiny QTSplus checkpoint (random weights)'}")
     print(f"question: {args.question}")
@@ -79,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     sel, full = served["selected"], served["all_tokens"]
     same = sel["token_ids"] == oracle.token_ids
-    print(f"served:   answer={sel['text']!r} ({'equals' if same else 'DIFFERS FROM'} the oracle, token for token)")
+    print(
+        f"served:   answer={sel['text']!r} ({'equals' if same else 'DIFFERS FROM'} the oracle, token for token)"
+    )
     print(
         f"prompt tokens: {sel['prompt_tokens']} with selection vs {full['prompt_tokens']} with all M tokens "
         f"({sel['prompt_tokens'] / full['prompt_tokens']:.2f}x); server start {served['startup_s']:.0f}s"

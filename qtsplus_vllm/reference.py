@@ -20,13 +20,11 @@ import torch
 from transformers import AutoTokenizer, GenerationConfig
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLTextModel
 
-from .checkpoint import CheckpointReader, load_config, validate_checkpoint
+from .checkpoint import DTYPES, CheckpointReader, load_config, validate_checkpoint
 from .config import SELECTOR_PREFIX, VISION_PREFIX
 from .selector import QTSplusSelector, Selection
 from .video import PreprocessConfig, SamplingConfig, decode_video, preprocess_frames
 from .vision import VisionEncoder
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass

@@ -31,7 +31,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
     Qwen2_5_VLTextModel,
 )
 
-from ..checkpoint import INDEX_FILE, SINGLE_FILE
+from ..checkpoint import DTYPES, INDEX_FILE, SINGLE_FILE
 from ..config import (
     ARCHITECTURE,
     MODEL_TYPE,
@@ -43,8 +43,6 @@ from ..config import (
     QTSplusConfig,
 )
 from ..selector import QTSplusSelector
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # Qwen2.5-VL's added tokens in their real order (ids follow the BPE vocabulary here, not 151643+).
 # As in Qwen's tokenizer_config.json, the tool-call / fill-in-the-middle tokens are added but not
