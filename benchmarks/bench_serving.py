@@ -232,6 +232,11 @@ def git_sha() -> str:
         return "unknown"
 
 
+def requests_per_level(num_requests: int, concurrency: int) -> int:
+    """At least one request per concurrent slot, so that a level really reaches its concurrency."""
+    return max(num_requests, concurrency)
+
+
 def benchmark(
     base_url: str,
     model: str | None,
@@ -250,7 +255,8 @@ def benchmark(
     async def sweep() -> list[dict]:
         name = model or (await client.models.list()).data[0].id
         rows = []
-        total = sum(num_requests * len(concurrencies) + warmup for _ in videos_by_length)
+        per_length = warmup + sum(requests_per_level(num_requests, c) for c in concurrencies)
+        total = per_length * len(videos_by_length)
         with tqdm(total=total, desc="requests", unit="req") as progress:
             for label, urls in videos_by_length.items():
                 if len(urls) < warmup + num_requests * len(concurrencies):
@@ -295,7 +301,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--request-rate", type=float, default=math.inf, help="requests/s (Poisson); inf = all at once"
     )
-    p.add_argument("--num-requests", type=int, default=8, help="requests per concurrency level")
+    p.add_argument(
+        "--num-requests", type=int, default=8, help="requests per concurrency level (at least the level)"
+    )
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--mm-processor-kwargs", default="", help="JSON sent with every request")
@@ -310,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     if bool(args.base_url) == bool(args.serve):
         raise SystemExit("give exactly one of --base-url and --serve")
     concurrencies = [int(c) for c in args.concurrency.split(",")]
-    per_length = args.warmup + args.num_requests * len(concurrencies)
+    per_length = args.warmup + sum(requests_per_level(args.num_requests, c) for c in concurrencies)
     videos: dict[str, list[str]] = {}
     if args.video:
         urls = [v if "://" in v else f"file://{Path(v).resolve()}" for v in args.video]

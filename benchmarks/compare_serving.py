@@ -1,0 +1,150 @@
+"""QTSplus against the same weights without selection, served, with the same videos and client.
+
+Systems (each started with ``vllm serve`` and the same engine flags, then driven by
+``bench_serving.py``):
+
+- ``qtsplus``:    our plugin, QTS+ selection on;
+- ``all-tokens``: the same server, ``{"qtsplus_select": false}`` per request (all M ViT tokens);
+- ``stock``:      stock vLLM Qwen2.5-VL on the converted checkpoint (``qtsplus_vllm.convert``), our
+                  PyAV loader for identical frames; it differs from ``all-tokens`` in positions
+                  (Qwen2.5-VL's (t, h, w) M-RoPE instead of 1-D) and in running the ViT in the worker;
+- ``evs``:        stock + vLLM's EVS (``--video-pruning-rate``) at the retention QTSplus chose on
+                  average in this run (query-blind pruning after the ViT). vLLM 0.32's CPU runner
+                  cannot run EVS (it never strips the pruned rows' position columns: HTTP 500), so
+                  the default leaves it out unless CUDA is available.
+
+    python benchmarks/compare_serving.py                     # tiny random checkpoint, CPU defaults
+    python benchmarks/compare_serving.py --model DIR --lengths 60,300,600 --concurrency 1,4,16
+
+Results: one bench_serving JSON per system under benchmarks/results/<tag>/ plus the plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_serving  # noqa: E402
+import plot  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def engine_flags(max_len: int) -> list[str]:
+    """Identical engine settings for every system; caches that could flatter a system are off."""
+    return [
+        "--enforce-eager",
+        "--dtype", "float32",
+        "--max-model-len", str(max_len),
+        "--max-num-batched-tokens", str(max_len),
+        "--max-num-seqs", "32",
+        "--no-enable-prefix-caching",
+        "--mm-processor-cache-gb", "0",
+        "--disable-log-stats",
+    ]  # fmt: skip
+
+
+def text_tokens(model: Path) -> int:
+    """Prompt tokens besides the video placeholders, for a typical benchmark question."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model))
+    question = f"{bench_serving.DEFAULT_QUESTIONS[0]} (request 0)"
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
+    return len(tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)) - 1
+
+
+def run_system(
+    system: str, model: Path, flags: list[str], common: list[str], out_dir: Path, mm_kwargs=None
+) -> dict:
+    out = out_dir / f"serving-{system}.json"
+    argv = [
+        "--system",
+        system,
+        "--serve",
+        str(model),
+        "--serve-args",
+        shlex.join(flags),
+        "--out",
+        str(out),
+        *common,
+    ]
+    if mm_kwargs:
+        argv += ["--mm-processor-kwargs", json.dumps(mm_kwargs)]
+    print(f"== {system}: {shlex.join(argv)}", flush=True)
+    bench_serving.main(argv)
+    return json.loads(out.read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", type=Path, help="QTSplus checkpoint (default: a generated tiny one)")
+    p.add_argument("--work-dir", type=Path, default=Path("/tmp/qtsplus-compare"))
+    p.add_argument("--lengths", default="16,64,256", help="video seconds")
+    p.add_argument("--concurrency", default="1,2,4,8,16,32")
+    p.add_argument("--sweep-length", default="64", help="video seconds for the concurrency sweep")
+    p.add_argument("--num-requests", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--max-model-len", type=int, default=20000)
+    p.add_argument("--systems", default=None, help="default: qtsplus,all-tokens,stock (+ evs with CUDA)")
+    p.add_argument("--tag", default=time.strftime("compare-%Y%m%d-%H%M%S"))
+    args = p.parse_args(argv)
+
+    from qtsplus_vllm.convert import convert_to_qwen2_5_vl
+    from qtsplus_vllm.testing import write_tiny_checkpoint
+
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    model = args.model or write_tiny_checkpoint(args.work_dir / "tiny-qtsplus", seed=0)
+    stock_model = convert_to_qwen2_5_vl(model, args.work_dir / f"{Path(model).name}-qwen2_5_vl")
+    out_dir = RESULTS / args.tag
+    out_dir.mkdir(parents=True, exist_ok=True)
+    import torch
+
+    systems = (args.systems or "qtsplus,all-tokens,stock" + (",evs" if torch.cuda.is_available() else "")).split(",")
+    flags = engine_flags(args.max_model_len)
+    stock_flags = flags + ["--media-io-kwargs", json.dumps({"video": {"video_backend": "qtsplus"}})]
+    video_dir = args.work_dir / "videos"
+    runs = {
+        # every video length at concurrency 1, then the concurrency sweep on one length
+        "lengths": ["--video-seconds", args.lengths, "--concurrency", "1"],
+        "sweep": ["--video-seconds", args.sweep_length, "--concurrency", args.concurrency],
+    }
+    results: dict[str, dict] = {}
+    for run, selection in runs.items():
+        common = [*selection, "--num-requests", str(args.num_requests), "--max-tokens", str(args.max_tokens),
+                  "--video-dir", str(video_dir)]  # fmt: skip
+        if "qtsplus" in systems:
+            results[f"qtsplus-{run}"] = run_system("qtsplus", model, flags, common, out_dir / run)
+        if "all-tokens" in systems:
+            results[f"all-{run}"] = run_system(
+                "all-tokens", model, flags + ["--trust-request-mm-kwargs"], common, out_dir / run,
+                mm_kwargs={"qtsplus_select": False},
+            )  # fmt: skip
+        if "stock" in systems:
+            results[f"stock-{run}"] = run_system("stock", stock_model, stock_flags, common, out_dir / run)
+        if "evs" in systems and f"qtsplus-{run}" in results and f"all-{run}" in results:
+            t = text_tokens(Path(model))
+            kept = [
+                (q["prompt_tokens"]["p50"] - t) / (a["prompt_tokens"]["p50"] - t)
+                for q, a in zip(results[f"qtsplus-{run}"]["rows"], results[f"all-{run}"]["rows"], strict=True)
+            ]
+            rate = round(1.0 - sum(kept) / len(kept), 4)
+            print(f"== EVS pruning rate {rate} (mean QTSplus keep ratio {1 - rate:.4f})")
+            results[f"evs-{run}"] = run_system(
+                "evs", stock_model, stock_flags + ["--video-pruning-rate", str(rate)], common, out_dir / run
+            )
+        plot.main(
+            [*map(str, sorted((out_dir / run).glob("serving-*.json"))), "--out-dir", str(out_dir / run)]
+        )
+    print(f"results in {out_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
