@@ -9,14 +9,18 @@ CPU: only the L question rows are gathered and moved). Frames are resized, norma
 patchified on the runtime's device.
 
 Device: ``QTSPLUS_DEVICE`` (e.g. ``cuda:1``), else the first CUDA device when there is one, else
-the CPU.
+the CPU. On the CPU the runtime uses ``QTSPLUS_CPU_THREADS`` torch threads (default: all cores):
+vLLM runs multimodal processing under ``OMP_NUM_THREADS`` threads (1 when unset), which would leave
+the ViT single-threaded while an engine-side ViT gets every core.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +46,27 @@ def default_device() -> torch.device:
             raise RuntimeError(f"QTSPLUS_DEVICE={name!r} but CUDA is not available in this process")
         return device
     return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+
+
+def cpu_threads() -> int:
+    """Torch threads for CPU selection work: ``QTSPLUS_CPU_THREADS`` or every core."""
+    value = os.environ.get("QTSPLUS_CPU_THREADS", "").strip()
+    if not value:
+        return os.cpu_count() or 1
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"QTSPLUS_CPU_THREADS must be a positive integer, got {value!r}")
+    return int(value)
+
+
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Run the block with ``count`` intra-op torch threads, then restore the previous setting."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def resolve_model_dir(model: str, revision: str | None = None) -> Path:
@@ -114,7 +139,8 @@ class SelectionRuntime:
         self, frames: np.ndarray, question_ids: list[int], options: SelectionOptions
     ) -> VideoSelection:
         """uint8 frames [T, H, W, 3] and question token ids -> the rows for the LM (thread-safe)."""
-        with self.lock:
+        threads = torch_threads(cpu_threads()) if self.device.type == "cpu" else contextlib.nullcontext()
+        with self.lock, threads:
             timings = {}
             clock = time.perf_counter()
             inputs = preprocess_frames(

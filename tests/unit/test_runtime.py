@@ -82,3 +82,23 @@ def test_device_from_environment(monkeypatch):
         monkeypatch.setenv("QTSPLUS_DEVICE", "cuda:1")
         with pytest.raises(RuntimeError, match="QTSPLUS_DEVICE"):
             default_device()
+
+
+def test_cpu_threads_setting(monkeypatch, runtime, frames):
+    import os
+
+    from qtsplus_vllm.runtime import cpu_threads, torch_threads
+
+    monkeypatch.delenv("QTSPLUS_CPU_THREADS", raising=False)
+    assert cpu_threads() == (os.cpu_count() or 1)
+    monkeypatch.setenv("QTSPLUS_CPU_THREADS", "1")
+    assert cpu_threads() == 1
+    before = torch.get_num_threads()
+    with torch_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    runtime.select(frames, [5, 6], SelectionOptions())
+    assert torch.get_num_threads() == before  # restored after a selection
+    monkeypatch.setenv("QTSPLUS_CPU_THREADS", "zero")
+    with pytest.raises(ValueError, match="QTSPLUS_CPU_THREADS"):
+        cpu_threads()
