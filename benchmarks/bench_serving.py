@@ -270,13 +270,14 @@ def benchmark(
                     # a unique (video, question) per request: no cache hit flatters any system
                     jobs = [
                         (next(pool), f"{questions[i % len(questions)]} (request {i})")
-                        for i in range(num_requests)
+                        for i in range(requests_per_level(num_requests, concurrency))
                     ]
                     progress.set_postfix(video=label, concurrency=concurrency)
                     results, wall = await run_level(
                         client, name, jobs, concurrency, request_rate, max_tokens, extra_body, progress
                     )
                     rows.append({"video": label, "concurrency": concurrency, **summarize(results, wall)})
+        await client.close()
         return rows
 
     return asyncio.run(sweep())

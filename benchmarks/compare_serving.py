@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--max-model-len", type=int, default=20000)
     p.add_argument("--systems", default=None, help="default: qtsplus,all-tokens,stock (+ evs with CUDA)")
+    p.add_argument("--runs", default="lengths,sweep", help="which runs: lengths (concurrency 1), sweep")
     p.add_argument("--tag", default=time.strftime("compare-%Y%m%d-%H%M%S"))
     args = p.parse_args(argv)
 
@@ -106,7 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     import torch
 
-    systems = (args.systems or "qtsplus,all-tokens,stock" + (",evs" if torch.cuda.is_available() else "")).split(",")
+    systems = (
+        args.systems or "qtsplus,all-tokens,stock" + (",evs" if torch.cuda.is_available() else "")
+    ).split(",")
     flags = engine_flags(args.max_model_len)
     stock_flags = flags + ["--media-io-kwargs", json.dumps({"video": {"video_backend": "qtsplus"}})]
     video_dir = args.work_dir / "videos"
@@ -117,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     results: dict[str, dict] = {}
     for run, selection in runs.items():
+        if run not in args.runs.split(","):
+            continue
         common = [*selection, "--num-requests", str(args.num_requests), "--max-tokens", str(args.max_tokens),
                   "--video-dir", str(video_dir)]  # fmt: skip
         if "qtsplus" in systems:
