@@ -79,6 +79,7 @@ from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVi
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 
 import qtsplus_vllm
+from qtsplus_vllm.config import VIT_DEFAULTS
 from qtsplus_vllm.selector import QTSplusSelector, use_triton
 from qtsplus_vllm.testing.videos import make_video
 from qtsplus_vllm.video import (
@@ -131,14 +132,7 @@ MODELS = {
     "3B": (LMShape(2048, 36, 16, 2, 11008, 151936), dict(QWEN25_VIT, out_hidden_size=2048)),
     "7B": (LMShape(3584, 28, 28, 4, 18944, 152064), dict(QWEN25_VIT, out_hidden_size=3584)),
 }
-VIT_FIXED = dict(
-    patch_size=14,
-    temporal_patch_size=2,
-    spatial_merge_size=2,
-    window_size=112,
-    in_channels=3,
-    hidden_act="silu",
-)
+VIT_FIXED = {k: v for k, v in VIT_DEFAULTS.items() if k != "fullatt_block_indexes"}  # per model above
 SELECTOR = dict(nmax=2560, rho_min=0.05, rho_max=0.5, scoring_layers=1, reencode_layers=1)
 
 
