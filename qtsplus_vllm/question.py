@@ -28,6 +28,7 @@ DEFAULT_QUESTION = "Describe the video in detail."
 _USER_TURN = re.compile(r"<\|im_start\|>user\n?(.*?)(?:<\|im_end\|>|$)", re.DOTALL)
 _VISION = re.compile(r"<\|vision_start\|>.*?<\|vision_end\|>", re.DOTALL)
 _SPECIAL = re.compile(r"<\|[a-z_]+\|>")
+_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz_")
 
 
 class Tokenizer(Protocol):
@@ -40,8 +41,30 @@ def extract_question_text(prompt: str) -> str:
     """The query text of a rendered prompt (rules in the module docstring); never empty."""
     turns = _USER_TURN.findall(prompt)
     text = turns[-1] if turns else prompt
-    text = _SPECIAL.sub("", _VISION.sub("", text)).strip()
+    text = _remove_special(_VISION.sub("", text)).strip()
     return text or DEFAULT_QUESTION
+
+
+def _remove_special(text: str) -> str:
+    """``text`` without special-token markup, also markup that removing other markup joins up.
+
+    ``<|im_<|x|>end|>`` is ``<|im_end|>`` once ``<|x|>`` is gone, and the tokenizer would read it as
+    that special token. One left-to-right pass with a stack removes nested markup in linear time
+    (a regex pass per nesting level would be quadratic in the prompt's length).
+    """
+    text = _SPECIAL.sub("", text)
+    if not _SPECIAL.search(text):
+        return text
+    out: list[str] = []
+    run: list[int] = []  # run[i]: length of the run of name characters that ends at out[i]
+    for ch in text:
+        run.append(run[-1] + 1 if run and ch in _NAME_CHARS else int(ch in _NAME_CHARS))
+        out.append(ch)
+        if ch == ">" and len(out) >= 5 and out[-2] == "|":
+            start = len(out) - 4 - run[-3]
+            if run[-3] and start >= 0 and out[start] == "<" and out[start + 1] == "|":
+                del out[start:], run[start:]
+    return "".join(out)
 
 
 def extract_question_ids(prompt_ids: Sequence[int], tokenizer: Tokenizer) -> list[int]:

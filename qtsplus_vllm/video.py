@@ -27,6 +27,8 @@ from qwen_vl_utils import vision_process as qwen_vl
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as tvf
 
+from .limits import Limits
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -46,9 +48,10 @@ class SamplingConfig:
     def __post_init__(self):
         if not (self.fps > 0 and math.isfinite(self.fps)):
             raise ValueError(f"fps must be a positive number, got {self.fps}")
-        if not 1 <= self.min_frames <= self.max_frames:
+        if not 1 <= self.min_frames <= self.max_frames or self.max_frames < qwen_vl.FRAME_FACTOR:
             raise ValueError(
-                f"need 1 <= min_frames <= max_frames, got min_frames={self.min_frames}, max_frames={self.max_frames}"
+                f"need 1 <= min_frames <= max_frames and max_frames >= {qwen_vl.FRAME_FACTOR}, "
+                f"got min_frames={self.min_frames}, max_frames={self.max_frames}"
             )
 
 
@@ -137,13 +140,13 @@ def sample_frame_indices(total_frames: int, source_fps: float, sampling: Samplin
 
 def _open(source: str | os.PathLike | bytes):
     if isinstance(source, bytes | bytearray | memoryview):
-        return av.open(io.BytesIO(bytes(source)), mode="r")
+        return av.open(io.BytesIO(bytes(source)), mode="r", metadata_errors="replace")
     path = os.fspath(source)
     if path.startswith("file://"):
         path = path[len("file://") :]
     if not os.path.isfile(path):
         raise VideoDecodeError(f"video file not found: {path}")
-    return av.open(path, mode="r")
+    return av.open(path, mode="r", metadata_errors="replace")
 
 
 def _count_frames(container, stream) -> int:
@@ -155,47 +158,118 @@ def _count_frames(container, stream) -> int:
     return count
 
 
-def _decode_at(container, stream, wanted: list[int]) -> tuple[dict[int, np.ndarray], int]:
+_STILL_IMAGE_FORMATS = ("image2", "image2pipe")
+
+
+def _is_still_image(container) -> bool:
+    """PyAV opens a PNG/JPEG/WebP... as a one-frame "video" through an image demuxer."""
+    names = container.format.name.split(",")
+    return any(name in _STILL_IMAGE_FORMATS or name.endswith("_pipe") for name in names)
+
+
+def _stream_seconds(container, stream) -> float | None:
+    """The duration the header declares (stream, else container), or None."""
+    if stream.duration is not None and stream.time_base is not None:
+        return float(stream.duration * stream.time_base)
+    if container.duration is not None:
+        return container.duration / av.time_base
+    return None
+
+
+def decode_size(width: int, height: int, max_pixels: int | None) -> tuple[int, int]:
+    """(width, height) to decode at: the source's, or scaled down to at most ``max_pixels``."""
+    if max_pixels is None or width * height <= max_pixels:
+        return width, height
+    scale = math.sqrt(max_pixels / (width * height))
+    return max(1, math.floor(width * scale)), max(1, math.floor(height * scale))
+
+
+def _decode_at(
+    container, stream, wanted: list[int], size: tuple[int, int]
+) -> tuple[dict[int, np.ndarray], int]:
     """Decode the stream once, keeping RGB arrays of the wanted indices; also returns the frame count."""
     wanted_set, kept, index = set(wanted), {}, -1
+    width, height = size
     for index, frame in enumerate(container.decode(stream)):
         if index in wanted_set:
-            kept[index] = frame.to_ndarray(format="rgb24")
+            if (frame.width, frame.height) == size:
+                kept[index] = frame.to_ndarray(format="rgb24")
+            else:
+                kept[index] = frame.to_ndarray(
+                    format="rgb24", width=width, height=height, interpolation="AREA"
+                )
     return kept, index + 1
 
 
-def decode_video(source: str | os.PathLike | bytes, sampling: SamplingConfig | None = None) -> DecodedVideo:
-    """Decode a video file (path, ``file://`` URL or bytes) and keep the sampled frames."""
+def decode_video(
+    source: str | os.PathLike | bytes,
+    sampling: SamplingConfig | None = None,
+    limits: Limits | None = None,
+) -> DecodedVideo:
+    """Decode a video file (path, ``file://`` URL or bytes) and keep the sampled frames.
+
+    With ``limits``, the header's frame size, duration and frame count are checked before any
+    frame is decoded (:class:`~qtsplus_vllm.limits.LimitExceeded`), and kept frames larger than
+    ``limits.decode_max_pixels`` are scaled down (area filter) as they are decoded.
+    """
     sampling = sampling or SamplingConfig()
     try:
         container = _open(source)
     except av.FFmpegError as err:
-        raise VideoDecodeError(f"cannot open the video: {err}") from err
+        raise VideoDecodeError(f"not a readable video container ({_reason(err)})") from err
     with container:
         if not container.streams.video:
             raise VideoDecodeError("the file has no video stream")
+        if _is_still_image(container):
+            raise VideoDecodeError(
+                f"the file is a still image ({container.format.name}), not a video; send images as image_url"
+            )
         stream = container.streams.video[0]
+        if stream.codec_context is None:
+            raise VideoDecodeError("the video stream's codec is unknown or not supported")
         stream.thread_type = "AUTO"
+        width, height = stream.codec_context.width, stream.codec_context.height
+        if width < 1 or height < 1:
+            raise VideoDecodeError(f"the video stream has no frame size ({width}x{height})")
+        if max(width, height) / min(width, height) > qwen_vl.MAX_RATIO:
+            raise VideoDecodeError(
+                f"the frame size {width}x{height} has an aspect ratio over {qwen_vl.MAX_RATIO}:1, "
+                "which the model cannot use"
+            )
         try:
             rate = stream.average_rate or stream.guessed_rate or stream.base_rate
             source_fps = float(rate) if rate else 0.0
-            if not source_fps > 0:
+            if not (source_fps > 0 and math.isfinite(source_fps)):
                 raise VideoDecodeError("the video stream has no frame rate")
+            if limits is not None:
+                limits.check_stream(width, height, _stream_seconds(container, stream), stream.frames or None)
             total = _count_frames(container, stream)
+            if limits is not None:
+                limits.check_stream(width, height, total / source_fps, total)
+            size = decode_size(width, height, limits.decode_max_pixels if limits is not None else None)
             indices = sample_frame_indices(total, source_fps, sampling)
-            kept, decoded = _decode_at(container, stream, indices)
+            kept, decoded = _decode_at(container, stream, indices, size)
             if decoded != total:  # the header lied: sample again from the true count
+                if decoded == 0:
+                    raise VideoDecodeError("the video has no decodable frames")
                 container.seek(0)
                 total = decoded
+                if limits is not None:
+                    limits.check_stream(width, height, total / source_fps, total)
                 indices = sample_frame_indices(total, source_fps, sampling)
-                kept, _ = _decode_at(container, stream, indices)
+                kept, _ = _decode_at(container, stream, indices, size)
         except av.FFmpegError as err:
-            raise VideoDecodeError(f"cannot decode the video: {err}") from err
+            raise VideoDecodeError(f"cannot decode the video ({_reason(err)})") from err
     missing = sorted(set(indices) - set(kept))
     if missing:
         raise VideoDecodeError(f"frames {missing[:8]} could not be decoded")
     frames = np.stack([kept[i] for i in indices])
     return DecodedVideo(frames=frames, frame_indices=indices, source_fps=source_fps, total_frames=total)
+
+
+def _reason(err: Exception) -> str:
+    """FFmpeg's words without its errno and file-name noise."""
+    return getattr(err, "strerror", None) or str(err)
 
 
 def target_size(height: int, width: int, num_frames: int, config: PreprocessConfig) -> tuple[int, int]:
@@ -216,6 +290,13 @@ def target_size(height: int, width: int, num_frames: int, config: PreprocessConf
         )
     except ValueError as err:  # aspect ratio over qwen-vl-utils' MAX_RATIO
         raise VideoDecodeError(f"frame size {width}x{height} cannot be used: {err}") from err
+
+
+def vit_patch_count(num_frames: int, height: int, width: int, config: PreprocessConfig) -> int:
+    """ViT patches (rows of ``pixel_values``) that :func:`preprocess_frames` will produce, without doing it."""
+    t = num_frames + num_frames % _FRAME_FACTOR
+    h, w = target_size(height, width, t, config)
+    return (t // config.temporal_patch_size) * (h // config.patch_size) * (w // config.patch_size)
 
 
 def resize_frames(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

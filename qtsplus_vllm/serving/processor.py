@@ -34,9 +34,12 @@ from vllm.multimodal.processing import (
 )
 
 from ..config import QTSplusConfig
+from ..limits import LimitExceeded, RequestError, SelectionUnavailable, server_limits
 from ..options import SelectionOptions, parse_options
 from ..question import extract_question_ids
 from ..runtime import get_runtime, resolve_model_dir
+from ..video import vit_patch_count
+from .errors import as_http_error
 
 # Under vLLM's logger tree, so the line shows with vLLM's own log configuration.
 logger = logging.getLogger("vllm.qtsplus")
@@ -92,6 +95,34 @@ def _as_frames(video: object) -> np.ndarray:
     return frames.astype(np.uint8, copy=False)
 
 
+def _out_of_memory(err: BaseException) -> bool:
+    if isinstance(err, torch.OutOfMemoryError | MemoryError):
+        return True
+    # the CPU allocator reports a failed allocation as a plain RuntimeError
+    return isinstance(err, RuntimeError) and "allocate" in str(err) and "memory" in str(err)
+
+
+def _select(runtime, frames: np.ndarray, question_ids: list[int], options: SelectionOptions):
+    """``runtime.select`` behind the limits, with failures turned into per-request HTTP errors."""
+    try:
+        t, h, w = frames.shape[:3]
+        server_limits().check_vit_patches(vit_patch_count(t, h, w, options.preprocess_config()))
+        return runtime.select(frames, question_ids, options)
+    except RequestError as err:
+        raise as_http_error(err) from err
+    except (RuntimeError, MemoryError) as err:
+        if not _out_of_memory(err):
+            raise
+        if runtime.device.type == "cuda":
+            torch.cuda.empty_cache()
+        logger.warning("QTSplus selection ran out of memory on a %s video: %s", list(frames.shape), err)
+        unavailable = SelectionUnavailable(
+            f"the selection runtime ran out of memory on this video (frames {list(frames.shape)}); "
+            "retry later, or lower max_pixels, fps or max_frames"
+        )
+        raise as_http_error(unavailable) from err
+
+
 class QTSplusMultiModalProcessor(BaseMultiModalProcessor[QTSplusProcessingInfo]):
     def __init__(self, info: QTSplusProcessingInfo, dummy_inputs: QTSplusDummyInputsBuilder) -> None:
         super().__init__(info, dummy_inputs)
@@ -106,6 +137,10 @@ class QTSplusMultiModalProcessor(BaseMultiModalProcessor[QTSplusProcessingInfo])
             merged = self.info.ctx.get_mm_config().merge_mm_processor_kwargs(request_kwargs)
             options = parse_options(merged)
             question_ids = extract_question_ids(inputs.prompt, self.info.get_tokenizer())
+            try:  # before any ViT work
+                server_limits().check_question_tokens(len(question_ids))
+            except LimitExceeded as err:
+                raise as_http_error(err) from err
             inputs = dataclasses.replace(
                 inputs,
                 hf_processor_mm_kwargs={
@@ -132,7 +167,7 @@ class QTSplusMultiModalProcessor(BaseMultiModalProcessor[QTSplusProcessingInfo])
             runtime = self._runtime()
             rows = []
             for i in range(len(videos)):
-                result = runtime.select(_as_frames(videos.get(i)), list(question_ids), options)
+                result = _select(runtime, _as_frames(videos.get(i)), list(question_ids), options)
                 rows.append(result.embeds)
                 logger.info(
                     "QTSplus video: frames=%d M=%d n=%d rho=%s kept=%.1f%% preprocess_ms=%.1f vit_ms=%.1f "

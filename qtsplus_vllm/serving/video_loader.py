@@ -22,7 +22,7 @@ key         meaning                                           allowed (default)
 ==========  ================================================  =====================================
 fps         frames kept per second of video                   finite number > 0 (1.0, the demo's)
 min_frames  lower bound on the frame count                    integer 1 .. max_frames (4)
-max_frames  upper bound on the frame count                    integer 2 .. 2048 (768)
+max_frames  upper bound on the frame count                    integer 2 .. QTSPLUS_MAX_FRAMES (768)
 ==========  ================================================  =====================================
 
 The count is ``smart_nframes``: clamp(duration · fps, min_frames, max_frames), at most the
@@ -45,14 +45,12 @@ import numpy as np
 from vllm.multimodal.video import VIDEO_LOADER_REGISTRY, VideoLoader
 
 from ..config import MODEL_TYPE
+from ..limits import LimitExceeded, server_limits
 from ..video import SamplingConfig, VideoDecodeError, decode_video
+from .errors import as_http_error
 
 LOADER_NAME = "qtsplus"
 VIDEO_PROCESSOR_NAME = "QTSplusVideoProcessor"  # a name only: no such class exists or is needed
-
-# Frames stay at source resolution until the processor resizes them, so the ceiling bounds the
-# API server's memory per video: 2048 frames of 720p RGB are about 5.7 GB.
-MAX_FRAMES_LIMIT = 2048
 
 ACCEPTED_KWARGS = ("fps", "min_frames", "max_frames")
 IGNORED_KWARGS = ("num_frames", "video_backend", "backend", "device")
@@ -82,7 +80,11 @@ def sampling_from_kwargs(kwargs: Mapping[str, Any]) -> SamplingConfig:
     fps = kwargs.get("fps", defaults.fps)
     if isinstance(fps, bool) or not isinstance(fps, int | float) or not (math.isfinite(fps) and fps > 0):
         raise _bad("fps", fps, "a finite number > 0")
-    max_frames = _integer("max_frames", kwargs.get("max_frames", defaults.max_frames), 2, MAX_FRAMES_LIMIT)
+    # kept frames stay at (at most QTSPLUS_DECODE_MAX_PIXELS) decode size until the processor
+    # resizes them: the frame limit bounds the API server's memory per video
+    limit = server_limits().max_frames
+    max_frames = kwargs.get("max_frames", min(defaults.max_frames, limit))
+    max_frames = _integer("max_frames", max_frames, 2, max(limit, 2))
     min_frames = _integer("min_frames", kwargs.get("min_frames", defaults.min_frames), 1, max_frames)
     return SamplingConfig(fps=float(fps), min_frames=min_frames, max_frames=max_frames)
 
@@ -92,7 +94,7 @@ class QTSplusVideoLoader(VideoLoader):
 
     @classmethod
     def load_bytes(
-        cls, data: bytes, num_frames: int = -1, **kwargs: Any
+        cls, data: bytes, /, num_frames: int = -1, **kwargs: Any
     ) -> tuple[np.ndarray, dict[str, Any]]:
         """Video file bytes -> (frames [T, H, W, 3] uint8 RGB, T even; metadata).
 
@@ -103,8 +105,12 @@ class QTSplusVideoLoader(VideoLoader):
         sampling = sampling_from_kwargs(kwargs)
         if not data:
             raise VideoDecodeError("the video is empty (0 bytes)")
+        limits = server_limits()
         try:
-            video = decode_video(bytes(data), sampling)
+            limits.check_video_bytes(len(data))
+            video = decode_video(bytes(data), sampling, limits)
+        except LimitExceeded as err:
+            raise as_http_error(err) from err
         except VideoDecodeError as err:
             raise VideoDecodeError(f"cannot load the video ({len(data)} bytes): {err}") from err
         metadata = {

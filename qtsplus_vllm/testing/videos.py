@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -47,15 +48,24 @@ def make_video(
 
     ``size`` is (width, height), both even (yuv420p). Same arguments, same file content.
     """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(make_video_bytes(frames, size, fps, seed))
+    return path
+
+
+def make_video_bytes(
+    frames: int = 16, size: tuple[int, int] = (160, 120), fps: float = 4.0, seed: int = 0
+) -> bytes:
+    """The bytes :func:`make_video` writes."""
     width, height = size
     if width % 2 or height % 2 or width < 2 or height < 2:
         raise ValueError(f"size must be even and >= 2 in both dimensions, got {size}")
     if frames < 1:
         raise ValueError(f"frames must be >= 1, got {frames}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     pixels = render_frames(frames, size, seed)
-    with av.open(str(path), mode="w") as container:
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=_as_rate(fps))
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         # one thread and fixed options: the same inputs give the same bytes
@@ -65,7 +75,7 @@ def make_video(
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
-    return path
+    return buffer.getvalue()
 
 
 def _as_rate(fps: float):

@@ -17,9 +17,9 @@ from vllm.multimodal.video import VIDEO_LOADER_REGISTRY, get_video_loader_backen
 from vllm.transformers_utils.processor import get_video_processor_cls_name_from_config
 
 from qtsplus_vllm.config import MODEL_TYPE
+from qtsplus_vllm.limits import Limits
 from qtsplus_vllm.serving.video_loader import (
     LOADER_NAME,
-    MAX_FRAMES_LIMIT,
     VIDEO_PROCESSOR_NAME,
     QTSplusVideoLoader,
     register_video_loader,
@@ -98,7 +98,7 @@ def test_unknown_key_is_named(clip_bytes):
         ("fps", "2"),
         ("fps", True),
         ("max_frames", 1),
-        ("max_frames", MAX_FRAMES_LIMIT + 2),
+        ("max_frames", Limits().max_frames + 2),
         ("max_frames", 64.5),
         ("max_frames", "64"),
         ("max_frames", False),

@@ -1,0 +1,103 @@
+"""Hostile and edge-case media, made in memory, for hardening tests and fuzzing seeds.
+
+Every builder returns the file's bytes. They are cheap: frames are flat colours or small, and the
+large-geometry cases use lossless codecs that compress flat frames to almost nothing, so a
+"8000×8000 frame" costs kilobytes on the wire and only a header read on a server that checks
+limits before decoding.
+"""
+
+from __future__ import annotations
+
+import io
+from fractions import Fraction
+
+import av
+import numpy as np
+
+from .videos import make_video_bytes
+
+
+def encode_frames(
+    frames: np.ndarray | list[np.ndarray],
+    fps: float = 4.0,
+    codec: str = "png",
+    container_format: str = "mov",
+    pix_fmt: str = "rgb24",
+) -> bytes:
+    """uint8 RGB frames [T, H, W, 3] -> a file's bytes (any size, odd ones included, with ``png``)."""
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format=container_format) as container:
+        stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
+        first = np.asarray(frames[0])
+        stream.height, stream.width = first.shape[:2]
+        stream.pix_fmt = pix_fmt
+        for array in frames:
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(array), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buffer.getvalue()
+
+
+def flat_video(frames: int, size: tuple[int, int], fps: float = 4.0, codec: str = "png") -> bytes:
+    """``frames`` flat frames of ``size`` (width, height), each a different grey."""
+    width, height = size
+    grey = np.linspace(20, 230, max(frames, 1)).astype(np.uint8)
+    return encode_frames(
+        [np.full((height, width, 3), g, dtype=np.uint8) for g in grey[:frames]], fps=fps, codec=codec
+    )
+
+
+def corrupt_bytes(size: int = 4096, seed: int = 0) -> bytes:
+    """Random bytes that no demuxer recognises."""
+    return np.random.default_rng(seed).integers(0, 256, size=size, dtype=np.uint8).tobytes()
+
+
+def truncated_mp4(keep: float = 0.5) -> bytes:
+    """A valid H.264 mp4 cut after ``keep`` of its bytes (its index, at the end, is lost)."""
+    data = make_video_bytes(frames=16, size=(64, 48), fps=4.0, seed=3)
+    return data[: int(len(data) * keep)]
+
+
+def audio_only(seconds: float = 1.0, rate: int = 16000) -> bytes:
+    """A WAV file: one audio stream, no video stream."""
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="wav") as container:
+        stream = container.add_stream("pcm_s16le", rate=rate)
+        stream.layout = "mono"
+        samples = (np.sin(np.linspace(0, 440 * 2 * np.pi * seconds, int(rate * seconds))) * 8000).astype(
+            np.int16
+        )
+        frame = av.AudioFrame.from_ndarray(samples[None, :], format="s16", layout="mono")
+        frame.sample_rate = rate
+        for packet in stream.encode(frame):
+            container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buffer.getvalue()
+
+
+def png_image(size: tuple[int, int] = (64, 48)) -> bytes:
+    """A still PNG image (what a client sends when it puts an image in a ``video_url``)."""
+    width, height = size
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="image2pipe") as container:
+        stream = container.add_stream("png", rate=1)
+        stream.width, stream.height, stream.pix_fmt = width, height, "rgb24"
+        frame = av.VideoFrame.from_ndarray(np.full((height, width, 3), 128, dtype=np.uint8), format="rgb24")
+        for packet in stream.encode(frame):
+            container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buffer.getvalue()
+
+
+def zero_frame_video(size: tuple[int, int] = (64, 48)) -> bytes:
+    """A container with a video stream that holds no frame."""
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="matroska") as container:
+        stream = container.add_stream("ffv1", rate=4)
+        stream.width, stream.height, stream.pix_fmt = size[0], size[1], "bgr0"
+        container.start_encoding()  # write the header although no packet follows
+    return buffer.getvalue()

@@ -1,0 +1,249 @@
+"""Hostile media and bad requests against a real server: a clear error each, nobody else affected.
+
+One server (fp32, greedy) with some limits lowered so that the over-the-limit cases are cheap to
+build, and fault injection (tests/e2e/faults) that makes the selection runtime run out of memory on
+videos of a marker width. Every case runs while a valid request is in flight on another thread;
+that request must still get exactly the answer it gets alone, and the server must stay healthy.
+"""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import json
+import re
+import socket
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+
+from qtsplus_vllm.testing import hostile, make_video, write_tiny_checkpoint
+from qtsplus_vllm.testing.server import RemoteServer, cpu_serve_args
+from qtsplus_vllm.testing.videos import make_video_bytes
+
+FAULTS = Path(__file__).parent / "faults"
+OOM_WIDTH = 34  # frames this wide make the runtime raise torch.OutOfMemoryError
+LIMITS = {
+    "QTSPLUS_MAX_VIDEO_BYTES": 1_000_000,
+    "QTSPLUS_MAX_VIDEO_SECONDS": 600,
+    "QTSPLUS_MAX_SOURCE_FRAMES": 3000,
+    "QTSPLUS_MAX_QUESTION_TOKENS": 256,
+    "QTSPLUS_MAX_VIT_PATCHES": 8_000,  # the good video at the default settings: 1,120
+}
+MAX_MODEL_LEN = 1024
+QUESTION = "What is moving in the video?"
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hostile")
+    media = root / "media"
+    media.mkdir()
+    model = write_tiny_checkpoint(root / "model", seed=11)
+    good = make_video(media / "good.mp4", frames=16, size=(64, 48), fps=4.0, seed=5)
+    (root / "secret.mp4").write_bytes(good.read_bytes())  # outside the allowed path
+    return root, model, good
+
+
+@pytest.fixture(scope="module")
+def server(assets, vllm_cache_root):
+    root, model, _ = assets
+    args = cpu_serve_args(max_model_len=MAX_MODEL_LEN, in_process_worker=False) + [
+        "--dtype", "float32",
+        "--allowed-local-media-path", str(root / "media"),
+        "--trust-request-mm-kwargs",
+        "--limit-mm-per-prompt", json.dumps({"video": 1}),
+    ]  # fmt: skip
+    env = {k: str(v) for k, v in LIMITS.items()}
+    env.update(QTSPLUS_TEST_OOM_WIDTH=str(OOM_WIDTH), PYTHONPATH=str(FAULTS), VLLM_VIDEO_FETCH_TIMEOUT="5")
+    with RemoteServer(model, args, env=env, cache_root=vllm_cache_root) as remote:
+        yield remote
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.base_url, timeout=120) as client:
+        yield client
+
+
+def data_url(data: bytes, mime: str = "video/mp4") -> str:
+    return f"data:{mime};base64," + base64.b64encode(data).decode()
+
+
+def body(url: str | list[str], text: str = QUESTION, **extra) -> dict:
+    urls = [url] if isinstance(url, str) else url
+    content = [{"type": "video_url", "video_url": {"url": u}} for u in urls]
+    content.append({"type": "text", "text": text})
+    return {
+        "model": "qtsplus",
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": 6,
+        "temperature": 0.0,
+        **extra,
+    }
+
+
+def post(http: httpx.Client, payload: dict | bytes) -> httpx.Response:
+    if isinstance(payload, bytes):
+        return http.post("/chat/completions", content=payload, headers={"content-type": "application/json"})
+    return http.post("/chat/completions", json=payload)
+
+
+@pytest.fixture(scope="module")
+def model_name(http):
+    return http.get("/models").json()["data"][0]["id"]
+
+
+@pytest.fixture(scope="module")
+def good_request(assets, model_name):
+    return {**body(f"file://{assets[2]}"), "model": model_name}
+
+
+@pytest.fixture(scope="module")
+def good_answer(http, good_request):
+    response = post(http, good_request)
+    assert response.status_code == 200, response.text
+    return response.json()["choices"][0]["message"]["content"]
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # nothing listens once the socket is closed
+
+
+def _long_low_fps() -> bytes:
+    # 3 frames, one every 400 s: a 20-minute video that costs nothing to build
+    return hostile.flat_video(3, (32, 32), fps=1 / 400)
+
+
+def _question_100k() -> str:
+    return ("why " * 25_000)[:100_000]
+
+
+# (id, payload builder(root, good_path) -> dict | bytes, expected status, message pattern)
+CASES = [
+    ("corrupt-bytes", lambda r, g: body(data_url(hostile.corrupt_bytes())), 400, r"not a readable video"),
+    ("truncated-mp4", lambda r, g: body(data_url(hostile.truncated_mp4())), 400, r"not a readable video"),
+    ("audio-only", lambda r, g: body(data_url(hostile.audio_only(), "audio/wav")), 400, r"no video stream"),
+    ("image-as-video", lambda r, g: body(data_url(hostile.png_image(), "image/png")), 400, r"still image"),
+    ("zero-frames", lambda r, g: body(data_url(hostile.zero_frame_video())), 400, r"readable video|no frames"),
+    ("huge-frame-8000x8000", lambda r, g: body(data_url(hostile.flat_video(1, (8000, 8000)))), 413,
+     r"frame size 8000x8000.*QTSPLUS_MAX_FRAME_PIXELS"),
+    ("longer-than-limit", lambda r, g: body(data_url(_long_low_fps())), 413, r"duration.*QTSPLUS_MAX_VIDEO_SECONDS"),
+    ("60fps-over-frame-limit", lambda r, g: body(data_url(make_video_bytes(3200, (32, 32), fps=60.0))), 413,
+     r"frame count.*QTSPLUS_MAX_SOURCE_FRAMES"),
+    ("aspect-over-200", lambda r, g: body(data_url(hostile.flat_video(2, (402, 2)))), 400, r"aspect ratio over 200"),
+    ("data-url-over-size-limit", lambda r, g: body(data_url(hostile.corrupt_bytes(1_100_000))), 413,
+     r"size in bytes.*QTSPLUS_MAX_VIDEO_BYTES"),
+    ("file-outside-allowed-path", lambda r, g: body(f"file://{r / 'secret.mp4'}"), 400, r"allowed-local-media-path"),
+    ("http-closed-port", lambda r, g: body(f"http://127.0.0.1:{closed_port()}/v.mp4"), 400,
+     r"cannot fetch the video_url"),
+    ("question-100k-chars", lambda r, g: body(f"file://{g}", text=_question_100k()), 400,
+     r"maximum context length is 1024 tokens"),
+    ("question-over-token-limit", lambda r, g: body(f"file://{g}", text="why " * 300), 413,
+     r"question's length in tokens.*QTSPLUS_MAX_QUESTION_TOKENS"),
+    ("non-utf8-body", lambda r, g: json.dumps(body(f"file://{g}", text="QQQ")).encode().replace(b"QQQ", b"\xff\xfe"),
+     400, r"error parsing the body"),
+    ("lone-surrogate-question", lambda r, g: json.dumps(body(f"file://{g}", text="a\ud800b")).encode(), 400, r"."),
+    ("vit-patches-over-limit", lambda r, g: body(f"file://{g}", mm_processor_kwargs={"max_pixels": 1280 * 28 * 28,
+     "min_pixels": 1280 * 28 * 28}), 413, r"ViT patch count.*QTSPLUS_MAX_VIT_PATCHES"),
+    ("mm-kwargs-unknown", lambda r, g: body(f"file://{g}", mm_processor_kwargs={"qtsplus_rho": 0.5}), 400,
+     r"qtsplus_rho.*unknown key"),
+    ("mm-kwargs-mistyped", lambda r, g: body(f"file://{g}", mm_processor_kwargs={"qtsplus_select": "no"}), 400,
+     r"qtsplus_select.*true or false"),
+    ("mm-kwargs-out-of-range", lambda r, g: body(f"file://{g}", mm_processor_kwargs={"qtsplus_rho_max": 1.5}), 400,
+     r"qtsplus_rho_max.*outside the allowed range"),
+    ("media-io-unknown", lambda r, g: body(f"file://{g}", media_io_kwargs={"video": {"fsp": 2}}), 400,
+     r"unknown key.*fsp"),
+    ("media-io-mistyped", lambda r, g: body(f"file://{g}", media_io_kwargs={"video": {"fps": "fast"}}), 400,
+     r"'fps'.*finite number"),
+    ("media-io-out-of-range", lambda r, g: body(f"file://{g}", media_io_kwargs={"video": {"max_frames": 100_000}}),
+     400, r"'max_frames'.*allowed an integer in \[2, 768\]"),
+    ("more-videos-than-limit", lambda r, g: body([f"file://{g}", f"file://{g}"]), 400, r"(?i)at most 1 video"),
+    ("prompt-over-max-model-len", lambda r, g: body(f"file://{g}", mm_processor_kwargs={"qtsplus_select": False,
+     "max_pixels": 900 * 28 * 28, "min_pixels": 900 * 28 * 28}), 400, r"(?i)maximum context length|too long|max_model_len"),
+    ("selection-out-of-memory", lambda r, g: body(data_url(hostile.flat_video(4, (OOM_WIDTH, 32)))), 503,
+     r"ran out of memory"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("build,status,pattern", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_request_is_refused_and_nobody_else_is_affected(
+    http, server, assets, good_request, good_answer, build, status, pattern
+):
+    root, _, good = assets
+    payload = build(root, good)
+    if isinstance(payload, dict):
+        payload["model"] = good_request["model"]
+    else:
+        payload = payload.replace(b'"model": "qtsplus"', json.dumps({"model": good_request["model"]})[1:-1].encode())
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        bystander = pool.submit(post, http, good_request)
+        response = post(http, payload)
+        other = bystander.result()
+    assert response.status_code == status, response.text[:500]
+    answer = response.json()
+    message = answer["error"]["message"] if "error" in answer else answer["detail"]  # FastAPI's own 400
+    assert re.search(pattern, message), message[:500]
+    assert other.status_code == 200, other.text[:500]
+    assert other.json()["choices"][0]["message"]["content"] == good_answer
+    assert http.get(server.url_for("health")).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "name,video",
+    [
+        ("one-frame", lambda: hostile.flat_video(1, (48, 32))),
+        ("1x1-pixel", lambda: hostile.flat_video(4, (1, 1))),
+        ("control-characters", lambda: make_video_bytes(8, (32, 32))),
+    ],
+)
+def test_edge_cases_that_are_valid_videos_are_served(http, good_request, name, video):
+    text = "colour?\x00\x07\x1b[31m\u202e\ufeff" if name == "control-characters" else QUESTION
+    response = post(http, {**body(data_url(video()), text=text), "model": good_request["model"]})
+    assert response.status_code == 200, response.text[:500]
+    assert response.json()["usage"]["prompt_tokens"] > 0
+
+
+def test_long_60fps_video_keeps_one_frame_per_second(http, server, good_request):
+    """1200 frames at 60 fps (20 s): sampling keeps 20 frames, so the ViT sees 20, not 1200."""
+    data = make_video_bytes(1200, (32, 32), fps=60.0, seed=9)
+    marker = "how many squares are there right now?"
+    response = post(http, {**body(data_url(data), text=marker), "model": good_request["model"]})
+    assert response.status_code == 200, response.text[:500]
+    lines = [line for line in server.log_tail(400).splitlines() if "QTSplus video:" in line]
+    assert any(" frames=20 " in line for line in lines), lines[-3:]
+
+
+def test_fetch_of_a_silent_server_times_out(http, good_request):
+    """An http URL whose server accepts and never answers: a 400 after VLLM_VIDEO_FETCH_TIMEOUT (5 s)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    accepted = []
+    stop = threading.Event()
+
+    def hold() -> None:
+        listener.settimeout(0.5)
+        while not stop.is_set():
+            try:
+                accepted.append(listener.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=hold, daemon=True)
+    thread.start()
+    try:
+        port = listener.getsockname()[1]
+        response = post(http, {**body(f"http://127.0.0.1:{port}/v.mp4"), "model": good_request["model"]})
+    finally:
+        stop.set()
+        thread.join()
+        for conn in accepted:
+            conn.close()
+        listener.close()
+    assert response.status_code == 400, response.text[:500]
+    assert "cannot fetch the video_url" in response.json()["error"]["message"]
