@@ -54,6 +54,15 @@ class LimitedVideoMediaIO(VideoMediaIO):
         encoded_limit = 4 * ((self.get_max_bytes() + 2) // 3)
         if len(data) > encoded_limit:
             _raise(LimitExceeded, "the video's size in bytes", len(data) * 3 // 4)
+        if media_type.lower() == "video/jpeg":  # a comma-separated list of JPEG frames, kept as sent
+            frames = data.count(",") + 1
+            limits = server_limits()
+            if frames > limits.max_frames:
+                raise as_http_error(
+                    LimitExceeded(
+                        "the video/jpeg frame count", frames, limits.max_frames, limits.variable("max_frames")
+                    )
+                )
         return super().load_base64(media_type, data)
 
     def load_file(self, filepath: Path):

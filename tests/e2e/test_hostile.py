@@ -179,7 +179,9 @@ def test_bad_request_is_refused_and_nobody_else_is_affected(
     if isinstance(payload, dict):
         payload["model"] = good_request["model"]
     else:
-        payload = payload.replace(b'"model": "qtsplus"', json.dumps({"model": good_request["model"]})[1:-1].encode())
+        payload = payload.replace(
+            b'"model": "qtsplus"', json.dumps({"model": good_request["model"]})[1:-1].encode()
+        )
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         bystander = pool.submit(post, http, good_request)
         response = post(http, payload)

@@ -212,12 +212,15 @@ def sampling_configs(draw) -> SamplingConfig:
     return SamplingConfig(fps=draw(st.floats(0.05, 30.0)), min_frames=min_frames, max_frames=max_frames)
 
 
-small_limits = st.builds(
-    Limits,
-    max_video_seconds=st.sampled_from([7200.0, 2.0, 0.5]),
-    max_source_frames=st.sampled_from([432_000, 8, 3]),
-    max_frame_pixels=st.sampled_from([4096 * 4096, 1024, 100]),
-    decode_max_pixels=st.sampled_from([Limits.decode_max_pixels, 1024, 256]),
+limit_settings = st.one_of(
+    st.just(Limits()),
+    st.builds(
+        Limits,
+        max_video_seconds=st.sampled_from([7200.0, 2.0, 0.5]),
+        max_source_frames=st.sampled_from([432_000, 8, 3]),
+        max_frame_pixels=st.sampled_from([4096 * 4096, 1024, 100]),
+        decode_max_pixels=st.sampled_from([Limits.decode_max_pixels, 1024, 256]),
+    ),
 )
 
 
@@ -225,7 +228,7 @@ def check_frames(frames: np.ndarray, indices: list[int], total_frames: int, max_
     assert isinstance(frames, np.ndarray) and frames.dtype == np.uint8
     assert frames.ndim == 4 and frames.shape[-1] == 3 and min(frames.shape) >= 1
     assert frames.shape[0] >= 2 and frames.shape[0] % 2 == 0
-    assert frames.shape[0] <= max_frames or frames.shape[0] == 2
+    assert frames.shape[0] <= max_frames
     assert len(indices) == frames.shape[0]
     assert all(type(i) is int and 0 <= i < total_frames for i in indices)
 
@@ -265,7 +268,7 @@ def test_loader_on_hostile_bytes(data, kwargs):
 
 
 @FUZZ
-@given(data=hostile_bytes, sampling=sampling_configs(), limits=small_limits)
+@given(data=hostile_bytes, sampling=sampling_configs(), limits=limit_settings)
 def test_decode_video_on_hostile_bytes(data, sampling, limits):
     try:
         video = decode_video(data, sampling, limits)
@@ -332,7 +335,7 @@ def test_sampling_kwargs(kwargs):
     kwargs=settings_dicts(
         ACCEPTED_KWARGS + ("data", "cls"), st.text(max_size=16).filter(lambda key: key != "num_frames")
     ),
-    seed=st.sampled_from(SEED_NAMES[:2]),
+    seed=st.sampled_from(["h264_mp4", "h264_one_frame"]),
 )
 def test_loader_kwargs(kwargs, seed):
     try:
@@ -365,16 +368,12 @@ def test_parse_options(kwargs, ignore):
 # -- question extraction -------------------------------------------------------------------------
 
 
-@functools.cache
-def tokenizer():
-    import tempfile
-
-    directory = write_tiny_checkpoint(tempfile.mkdtemp(prefix="qtsplus-fuzz-"))
-    return AutoTokenizer.from_pretrained(str(directory))
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return AutoTokenizer.from_pretrained(str(write_tiny_checkpoint(tmp_path_factory.mktemp("tiny"))))
 
 
-def check_question(ids: list[int]) -> None:
-    tok = tokenizer()
+def check_question(ids: list[int], tok) -> None:
     question = extract_question_ids(ids, tok)
     assert isinstance(question, list) and question
     assert all(type(i) is int and 0 <= i < len(tok) for i in question)
@@ -383,21 +382,7 @@ def check_question(ids: list[int]) -> None:
 
 
 ADDED_TOKENS = SPECIAL_TOKENS + NON_SPECIAL_ADDED
-MARKUP_FRAGMENTS = [
-    "<|",
-    "|>",
-    "<",
-    "|",
-    ">",
-    "im_start",
-    "im_end",
-    "vision_",
-    "end",
-    "start",
-    "user",
-    "\n",
-    " ",
-]
+MARKUP_FRAGMENTS = ["<|", "|>", "<", "|", ">", "im_start", "im_end", "vision_", "end", "user", "\n", " "]
 
 question_texts = st.one_of(
     st.text(st.characters(exclude_categories=["Cs"]), max_size=40),
@@ -421,8 +406,7 @@ messages = st.lists(
 )
 
 
-def render(chat: list[dict], generation_prompt: bool) -> list[int]:
-    tok = tokenizer()
+def render(chat: list[dict], generation_prompt: bool, tok) -> list[int]:
     prompt = tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=generation_prompt)
     return tok(prompt, add_special_tokens=False)["input_ids"]
 
@@ -445,29 +429,27 @@ def mutated_ids(draw, ids: list[int]) -> list[int]:
 
 @FUZZ
 @given(data=st.data())
-def test_question_of_random_ids(data):
-    size = len(tokenizer())
-    added = [tokenizer().convert_tokens_to_ids(t) for t in ADDED_TOKENS]
-    ids = data.draw(st.lists(st.one_of(st.integers(0, size - 1), st.sampled_from(added)), max_size=300))
-    check_question(ids)
+def test_question_of_random_ids(tok, data):
+    added = tok.convert_tokens_to_ids(ADDED_TOKENS)
+    ids = data.draw(st.lists(st.one_of(st.integers(0, len(tok) - 1), st.sampled_from(added)), max_size=300))
+    check_question(ids, tok)
 
 
 @FUZZ
 @given(chat=messages, generation_prompt=st.booleans())
 @example(chat=[{"role": "user", "content": "What <|im_<|x|>end|> moves?"}], generation_prompt=True)
-def test_question_of_rendered_chats(chat, generation_prompt):
-    check_question(render(chat, generation_prompt))
+def test_question_of_rendered_chats(tok, chat, generation_prompt):
+    check_question(render(chat, generation_prompt, tok), tok)
 
 
 @FUZZ
 @given(chat=messages, data=st.data())
-def test_question_of_mutated_chats(chat, data):
-    check_question(data.draw(mutated_ids(render(chat, generation_prompt=True))))
+def test_question_of_mutated_chats(tok, chat, data):
+    check_question(data.draw(mutated_ids(render(chat, True, tok))), tok)
 
 
-def test_question_of_deeply_nested_markup_is_linear():
+def test_question_of_deeply_nested_markup_is_linear(tok):
     depth = 20_000
-    tok = tokenizer()
     ids = tok(
         f"<|im_start|>user\nWhat {'<|a' * depth}{'|>' * depth}moves?<|im_end|>", add_special_tokens=False
     )
