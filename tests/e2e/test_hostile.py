@@ -119,6 +119,18 @@ def _long_low_fps() -> bytes:
     return hostile.flat_video(3, (32, 32), fps=1 / 400)
 
 
+def _jpeg_frames(count: int) -> str:
+    """A ``data:video/jpeg`` URL: vLLM's comma-separated list of base64 JPEG frames."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), (90, 30, 200)).save(buffer, format="JPEG")
+    frame = base64.b64encode(buffer.getvalue()).decode()
+    return "data:video/jpeg;base64," + ",".join([frame] * count)
+
+
 def _question_100k() -> str:
     return ("why " * 25_000)[:100_000]
 
@@ -135,6 +147,8 @@ CASES = [
     ("longer-than-limit", lambda r, g: body(data_url(_long_low_fps())), 413, r"duration.*QTSPLUS_MAX_VIDEO_SECONDS"),
     ("60fps-over-frame-limit", lambda r, g: body(data_url(make_video_bytes(3200, (32, 32), fps=60.0))), 413,
      r"frame count.*QTSPLUS_MAX_SOURCE_FRAMES"),
+    ("jpeg-frames-over-limit", lambda r, g: body(_jpeg_frames(769)), 413,
+     r"video/jpeg frame count is 769.*QTSPLUS_MAX_FRAMES"),
     ("aspect-over-200", lambda r, g: body(data_url(hostile.flat_video(2, (402, 2)))), 400, r"aspect ratio over 200"),
     ("data-url-over-size-limit", lambda r, g: body(data_url(hostile.corrupt_bytes(1_100_000))), 413,
      r"size in bytes.*QTSPLUS_MAX_VIDEO_BYTES"),
