@@ -12,6 +12,12 @@ Device: ``QTSPLUS_DEVICE`` (e.g. ``cuda:1``), else the first CUDA device when th
 the CPU. On the CPU the runtime uses ``QTSPLUS_CPU_THREADS`` torch threads (default: all cores):
 vLLM runs multimodal processing under ``OMP_NUM_THREADS`` threads (1 when unset), which would leave
 the ViT single-threaded while an engine-side ViT gets every core.
+
+ViT features are kept in a :class:`~qtsplus_vllm.feature_cache.FeatureCache` keyed by the sampled
+frames and the preprocessing settings, so a follow-up question on a video runs only the selector:
+``QTSPLUS_FEATURE_CACHE_BYTES`` (default 1 GiB; 0 turns it off) bounds it, and
+``QTSPLUS_FEATURE_CACHE_DEVICE`` (default: the runtime's device; ``cpu`` for host memory, pinned
+with CUDA) says where it lives.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +35,7 @@ import torch
 
 from .checkpoint import CheckpointReader, load_config, validate_checkpoint
 from .config import SELECTOR_PREFIX
+from .feature_cache import CachedFeatures, FeatureCache, frames_digest
 from .options import SelectionOptions
 from .selector import QTSplusSelector
 from .video import preprocess_frames
@@ -56,6 +63,16 @@ def cpu_threads() -> int:
     if not value.isdigit() or int(value) < 1:
         raise ValueError(f"QTSPLUS_CPU_THREADS must be a positive integer, got {value!r}")
     return int(value)
+
+
+def feature_cache_settings() -> tuple[int, torch.device | None]:
+    """(max bytes, device or None for the runtime's) from the environment."""
+    raw = os.environ.get("QTSPLUS_FEATURE_CACHE_BYTES", "").strip()
+    if raw and not raw.isdigit():
+        raise ValueError(f"QTSPLUS_FEATURE_CACHE_BYTES must be a non-negative integer, got {raw!r}")
+    max_bytes = int(raw) if raw else 1 << 30
+    device = os.environ.get("QTSPLUS_FEATURE_CACHE_DEVICE", "").strip()
+    return max_bytes, torch.device(device) if device else None
 
 
 @contextlib.contextmanager
@@ -91,6 +108,8 @@ class VideoSelection:
     embeds:  [n, D] CPU rows in the model dtype (re-encoded kept tokens, or all M ViT tokens when
              selection is off).
     indices: [n] int64 CPU, ascending positions of the kept tokens among the M.
+    scores:  [M] fp32 CPU relevance r of every visual token (None when selection is off).
+    cache_hit: the ViT features came from the feature cache.
     """
 
     embeds: torch.Tensor
@@ -100,6 +119,9 @@ class VideoSelection:
     num_frames: int
     grid_thw: tuple[int, int, int]
     timings_ms: dict[str, float] = field(default_factory=dict)
+    scores: torch.Tensor | None = None
+    cache_hit: bool = False
+    merge_size: int = 2
 
     @property
     def n(self) -> int:
@@ -120,6 +142,8 @@ class SelectionRuntime:
         self.selector.load_state_dict(reader.load_prefix(SELECTOR_PREFIX, dtype=dtype, device=self.device))
         self.embed_tokens = reader.load([EMBED_KEY], dtype=dtype)[EMBED_KEY]  # [V, D], stays on CPU
         self.lock = threading.Lock()
+        max_bytes, cache_device = feature_cache_settings()
+        self.feature_cache = FeatureCache(max_bytes, cache_device or self.device)
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -143,19 +167,33 @@ class SelectionRuntime:
         with self.lock, threads:
             timings = {}
             clock = time.perf_counter()
-            inputs = preprocess_frames(
-                frames, options.preprocess_config(), device=self.device, dtype=self.dtype
-            )
-            self._sync()
-            timings["preprocess_ms"] = (time.perf_counter() - clock) * 1e3
+            preprocess = options.preprocess_config()
+            key = frames_digest(frames, astuple(preprocess)) if self.feature_cache.max_bytes else None
+            cached = self.feature_cache.get(key, self.device) if key is not None else None
+            timings["hash_ms"] = (time.perf_counter() - clock) * 1e3
 
-            clock = time.perf_counter()
-            visual = self.vision(inputs.pixel_values, inputs.grid_thw)  # [M, D]
-            self._sync()
-            timings["vit_ms"] = (time.perf_counter() - clock) * 1e3
+            if cached is None:
+                clock = time.perf_counter()
+                inputs = preprocess_frames(frames, preprocess, device=self.device, dtype=self.dtype)
+                self._sync()
+                timings["preprocess_ms"] = (time.perf_counter() - clock) * 1e3
+
+                clock = time.perf_counter()
+                visual = self.vision(inputs.pixel_values, inputs.grid_thw)  # [M, D]
+                self._sync()
+                timings["vit_ms"] = (time.perf_counter() - clock) * 1e3
+                grid = tuple(int(v) for v in inputs.grid_thw[0])
+                cached = CachedFeatures(visual, grid, inputs.num_frames)
+                if key is not None:
+                    self.feature_cache.put(key, cached)
+                hit = False
+            else:
+                timings["preprocess_ms"] = timings["vit_ms"] = 0.0
+                visual, hit = cached.visual, True
 
             clock = time.perf_counter()
             m = visual.shape[0]
+            scores = None
             if options.select:
                 selection = self.selector.select(
                     visual,
@@ -165,20 +203,23 @@ class SelectionRuntime:
                     max_tokens=options.max_tokens,
                 )
                 rows, indices, rho = selection.embeds, selection.indices, selection.rho
+                scores = selection.scores.float().cpu()
             else:  # the no-selection baseline: every ViT token, in temporal order, no re-encode
                 rows, indices, rho = visual, torch.arange(m, device=visual.device), None
             rows = rows.to("cpu", self.dtype)
             self._sync()
             timings["selector_ms"] = (time.perf_counter() - clock) * 1e3
-        t, h, w = (int(v) for v in inputs.grid_thw[0])
         return VideoSelection(
             embeds=rows.contiguous(),
             indices=indices.cpu(),
             num_visual_tokens=m,
             rho=rho,
-            num_frames=inputs.num_frames,
-            grid_thw=(t, h, w),
+            num_frames=cached.num_frames,
+            grid_thw=cached.grid_thw,
             timings_ms=timings,
+            scores=scores,
+            cache_hit=hit,
+            merge_size=preprocess.merge_size,
         )
 
 

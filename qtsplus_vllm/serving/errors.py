@@ -24,5 +24,9 @@ class QTSplusHTTPError(GracefulHTTPError, ValueError):
 
 
 def as_http_error(err: Exception) -> QTSplusHTTPError:
-    """``err`` with the HTTP status its class declares (400 when it declares none)."""
-    return QTSplusHTTPError(str(err), HTTPStatus(getattr(err, "http_status", HTTPStatus.BAD_REQUEST)))
+    """``err`` with the HTTP status its class declares (400 when it declares none), counted in metrics."""
+    from .metrics import observe_rejection
+
+    status = HTTPStatus(getattr(err, "http_status", HTTPStatus.BAD_REQUEST))
+    observe_rejection(status)
+    return QTSplusHTTPError(str(err), status)

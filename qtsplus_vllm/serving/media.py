@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,7 @@ from vllm.multimodal.media.image import ImageMediaIO
 from vllm.multimodal.media.video import VideoMediaIO
 from vllm.multimodal.video import get_video_loader_backend_for_processor
 
-from ..limits import LimitExceeded, server_limits
+from ..limits import LimitExceeded, RequestError, server_limits
 from .errors import QTSplusHTTPError, as_http_error
 
 CONNECTOR_NAME = "qtsplus"
@@ -86,7 +85,7 @@ def _fetch_error(url: str, err: BaseException) -> QTSplusHTTPError:
     reason = str(err) or type(err).__name__
     if isinstance(err, asyncio.TimeoutError | requests.Timeout):
         reason = f"no answer within VLLM_VIDEO_FETCH_TIMEOUT={envs.VLLM_VIDEO_FETCH_TIMEOUT} s"
-    return QTSplusHTTPError(f"cannot fetch the video_url {_describe(url)}: {reason}", HTTPStatus.BAD_REQUEST)
+    return as_http_error(RequestError(f"cannot fetch the video_url {_describe(url)}: {reason}"))
 
 
 class QTSplusMediaConnector(MediaConnector):

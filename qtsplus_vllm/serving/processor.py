@@ -40,6 +40,7 @@ from ..question import extract_question_ids
 from ..runtime import get_runtime, resolve_model_dir
 from ..video import vit_patch_count
 from .errors import as_http_error
+from .metrics import observe_selection
 
 # Under vLLM's logger tree, so the line shows with vLLM's own log configuration.
 logger = logging.getLogger("vllm.qtsplus")
@@ -123,6 +124,24 @@ def _select(runtime, frames: np.ndarray, question_ids: list[int], options: Selec
         raise as_http_error(unavailable) from err
 
 
+def _report(result, cache_stats: dict[str, int]) -> None:
+    """One log line and the Prometheus metrics for one video."""
+    observe_selection(result, cache_stats)
+    logger.info(
+        "QTSplus video: frames=%d M=%d n=%d rho=%s kept=%.1f%% vit_cache=%s preprocess_ms=%.1f vit_ms=%.1f "
+        "selector_ms=%.1f",
+        result.num_frames,
+        result.num_visual_tokens,
+        result.n,
+        "off" if result.rho is None else f"{result.rho:.4f}",
+        100.0 * result.n / result.num_visual_tokens,
+        "hit" if result.cache_hit else "miss",
+        result.timings_ms["preprocess_ms"],
+        result.timings_ms["vit_ms"],
+        result.timings_ms["selector_ms"],
+    )
+
+
 class QTSplusMultiModalProcessor(BaseMultiModalProcessor[QTSplusProcessingInfo]):
     def __init__(self, info: QTSplusProcessingInfo, dummy_inputs: QTSplusDummyInputsBuilder) -> None:
         super().__init__(info, dummy_inputs)
@@ -169,18 +188,7 @@ class QTSplusMultiModalProcessor(BaseMultiModalProcessor[QTSplusProcessingInfo])
             for i in range(len(videos)):
                 result = _select(runtime, _as_frames(videos.get(i)), list(question_ids), options)
                 rows.append(result.embeds)
-                logger.info(
-                    "QTSplus video: frames=%d M=%d n=%d rho=%s kept=%.1f%% preprocess_ms=%.1f vit_ms=%.1f "
-                    "selector_ms=%.1f",
-                    result.num_frames,
-                    result.num_visual_tokens,
-                    result.n,
-                    "off" if result.rho is None else f"{result.rho:.4f}",
-                    100.0 * result.n / result.num_visual_tokens,
-                    result.timings_ms["preprocess_ms"],
-                    result.timings_ms["vit_ms"],
-                    result.timings_ms["selector_ms"],
-                )
+                _report(result, runtime.feature_cache.stats())
             out[SELECTED_FIELD] = rows
         return out
 

@@ -22,7 +22,7 @@ they return has the documented form: frames uint8 [T, H, W, 3] with T even and >
 frame within the source's frames, the loader's metadata keys; a question of vocabulary ids that is
 never empty and holds no special token.
 
-The budget is ``QTSPLUS_FUZZ_EXAMPLES`` examples per test (default 40: the module takes well
+The budget is ``QTSPLUS_FUZZ_EXAMPLES`` examples per test (default 100: the module takes well
 under a minute on two busy cores), derandomized and without an example database, so every run
 tries the same cases; raise it for a long campaign.
 """
@@ -58,7 +58,7 @@ from qtsplus_vllm.testing.tiny_checkpoint import NON_SPECIAL_ADDED, SPECIAL_TOKE
 from qtsplus_vllm.testing.videos import make_video_bytes, render_frames
 from qtsplus_vllm.video import SamplingConfig, VideoDecodeError, decode_video
 
-EXAMPLES = int(os.environ.get("QTSPLUS_FUZZ_EXAMPLES", "40"))
+EXAMPLES = int(os.environ.get("QTSPLUS_FUZZ_EXAMPLES", "100"))
 
 settings.register_profile(
     "qtsplus-fuzz",

@@ -39,7 +39,38 @@ def test_rows_equal_the_oracle_selection(model, runtime, frames):
     torch.testing.assert_close(result.embeds, expected.embeds.cpu(), rtol=1e-5, atol=1e-6)
     assert result.embeds.device.type == "cpu" and result.embeds.dtype == torch.float32
     assert result.num_visual_tokens == 4 * 10 * 14 and result.num_frames == 8
-    assert set(result.timings_ms) == {"preprocess_ms", "vit_ms", "selector_ms"}
+    assert set(result.timings_ms) == {"hash_ms", "preprocess_ms", "vit_ms", "selector_ms"}
+    assert result.scores.shape == (result.num_visual_tokens,) and result.scores.dtype == torch.float32
+
+
+def test_follow_up_question_reuses_the_vit_features_and_equals_a_cold_run(model, frames):
+    from qtsplus_vllm.runtime import SelectionRuntime
+
+    warm = SelectionRuntime(model, torch.float32, "cpu")
+    options = SelectionOptions()
+    first = warm.select(frames, [5, 6, 7], options)
+    follow_up = warm.select(frames, [9, 10, 11, 12], options)
+    assert not first.cache_hit and follow_up.cache_hit
+    assert follow_up.timings_ms["vit_ms"] == 0.0
+    cold = SelectionRuntime(model, torch.float32, "cpu").select(frames, [9, 10, 11, 12], options)
+    assert not cold.cache_hit
+    assert torch.equal(follow_up.indices, cold.indices) and torch.equal(follow_up.embeds, cold.embeds)
+    # other preprocessing settings or other frames are other entries
+    assert not warm.select(frames, [5], SelectionOptions(max_pixels=64 * 28 * 28, min_pixels=64 * 28 * 28)).cache_hit
+    assert not warm.select(frames[::-1].copy(), [5], options).cache_hit
+    stats = warm.feature_cache.stats()
+    assert stats["entries"] == 3 and stats["hits"] == 1 and stats["misses"] == 3
+    assert 0 < stats["bytes"] <= stats["max_bytes"]
+
+
+def test_feature_cache_can_be_turned_off(model, frames, monkeypatch):
+    from qtsplus_vllm.runtime import SelectionRuntime
+
+    monkeypatch.setenv("QTSPLUS_FEATURE_CACHE_BYTES", "0")
+    runtime = SelectionRuntime(model, torch.float32, "cpu")
+    runtime.select(frames, [5], SelectionOptions())
+    assert not runtime.select(frames, [5], SelectionOptions()).cache_hit
+    assert runtime.feature_cache.stats()["entries"] == 0
 
 
 def test_selection_off_keeps_every_vit_token(model, runtime, frames):

@@ -1,0 +1,82 @@
+"""Prometheus metrics of the selection, exported on vLLM's ``/metrics`` (API-server process).
+
+vLLM serves ``prometheus_client``'s registry (multiprocess-aware when it runs several API
+servers), so metrics created here appear next to vLLM's own. Created on first use, once per process.
+
+- ``qtsplus_kept_ratio``: n / M per video (histogram);
+- ``qtsplus_visual_tokens`` (M) and ``qtsplus_selected_tokens`` (n) per video (histograms);
+- ``qtsplus_preprocess_seconds``, ``qtsplus_vit_seconds``, ``qtsplus_selector_seconds`` (histograms;
+  preprocessing and ViT are not observed on feature-cache hits);
+- ``qtsplus_feature_cache_hits_total`` / ``_misses_total`` (counters), ``qtsplus_feature_cache_bytes``
+  and ``qtsplus_feature_cache_entries`` (gauges);
+- ``qtsplus_rejected_requests_total{status}``: requests our checks refused, by HTTP status.
+"""
+
+from __future__ import annotations
+
+import functools
+from types import SimpleNamespace
+
+from prometheus_client import Counter, Gauge, Histogram
+
+_TOKENS = (16, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
+_SECONDS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+@functools.cache
+def metrics() -> SimpleNamespace:
+    return SimpleNamespace(
+        kept_ratio=Histogram(
+            "qtsplus_kept_ratio",
+            "Fraction n/M of a video's visual tokens kept by the QTS+ selector",
+            buckets=(0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0),
+        ),
+        visual_tokens=Histogram(
+            "qtsplus_visual_tokens", "Visual tokens M of a video (ViT output)", buckets=_TOKENS
+        ),
+        selected_tokens=Histogram(
+            "qtsplus_selected_tokens", "Tokens n a video contributes to the prompt", buckets=_TOKENS
+        ),
+        preprocess_seconds=Histogram(
+            "qtsplus_preprocess_seconds",
+            "Frame resize, normalise and patchify time per video",
+            buckets=_SECONDS,
+        ),
+        vit_seconds=Histogram("qtsplus_vit_seconds", "ViT time per video", buckets=_SECONDS),
+        selector_seconds=Histogram(
+            "qtsplus_selector_seconds", "QTS+ selector time per video", buckets=_SECONDS
+        ),
+        cache_hits=Counter("qtsplus_feature_cache_hits", "ViT-feature cache hits"),
+        cache_misses=Counter("qtsplus_feature_cache_misses", "ViT-feature cache misses"),
+        cache_bytes=Gauge(
+            "qtsplus_feature_cache_bytes", "Bytes held by the ViT-feature cache", multiprocess_mode="livesum"
+        ),
+        cache_entries=Gauge(
+            "qtsplus_feature_cache_entries",
+            "Videos held by the ViT-feature cache",
+            multiprocess_mode="livesum",
+        ),
+        rejected=Counter("qtsplus_rejected_requests", "Requests refused by QTSplus checks", ["status"]),
+    )
+
+
+def observe_selection(result, cache_stats: dict[str, int]) -> None:
+    """Record one video's selection (a ``runtime.VideoSelection``) and the cache's size."""
+    m = metrics()
+    m.visual_tokens.observe(result.num_visual_tokens)
+    m.selected_tokens.observe(result.n)
+    m.kept_ratio.observe(result.n / result.num_visual_tokens)
+    timings = result.timings_ms
+    if result.cache_hit:
+        m.cache_hits.inc()
+    else:
+        m.cache_misses.inc()
+        m.preprocess_seconds.observe(timings["preprocess_ms"] / 1e3)
+        m.vit_seconds.observe(timings["vit_ms"] / 1e3)
+    m.selector_seconds.observe(timings["selector_ms"] / 1e3)
+    m.cache_bytes.set(cache_stats["bytes"])
+    m.cache_entries.set(cache_stats["entries"])
+
+
+def observe_rejection(status: int) -> None:
+    metrics().rejected.labels(status=str(int(status))).inc()
