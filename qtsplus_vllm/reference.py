@@ -39,10 +39,11 @@ class ReferenceAnswer:
     token_ids: list[int]
     prompt_ids: list[int]
     positions: list[int]
-    selection: Selection
-    num_visual_tokens: int  # M
+    selection: Selection  # the first visual item's
+    num_visual_tokens: int  # M of the first visual item
     num_frames: int
     timings_ms: dict[str, float] = field(default_factory=dict)
+    selections: list[Selection] = field(default_factory=list)  # one per visual item, in prompt order
 
     @property
     def n(self) -> int:
@@ -61,6 +62,7 @@ class ReferencePipeline:
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         self.generation_config = GenerationConfig.from_pretrained(str(model_dir))
         self.video_pad_id = self.tokenizer.convert_tokens_to_ids("<|video_pad|>")
+        self.image_pad_id = self.tokenizer.convert_tokens_to_ids("<|image_pad|>")
 
         self.vision = VisionEncoder.from_checkpoint(reader, self.config, device=self.device, dtype=self.dtype)
         self.selector = QTSplusSelector.from_config(self.config).to(device=self.device, dtype=self.dtype)
@@ -112,13 +114,33 @@ class ReferencePipeline:
 
         Returns the expanded ids (n placeholders) and input embeddings [S, D].
         """
-        at = prompt_ids.index(self.video_pad_id)
+        return self.splice_items(prompt_ids, [rows])
+
+    def items_prompt_ids(self, kinds: list[str], question: str) -> list[int]:
+        """The chat prompt with one placeholder per visual item (``"video"``/``"image"``), then the question."""
+        content = [{"type": kind} for kind in kinds] + [{"type": "text", "text": question}]
+        messages = [{"role": "user", "content": content}]
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def splice_items(self, prompt_ids: list[int], rows: list[torch.Tensor]) -> tuple[list[int], torch.Tensor]:
+        """Replace the k-th visual placeholder (video or image pad) by the k-th item's rows."""
+        pads = {self.video_pad_id, self.image_pad_id}
+        at = [i for i, token in enumerate(prompt_ids) if token in pads]
+        if len(at) != len(rows):
+            raise ValueError(f"the prompt has {len(at)} visual placeholders for {len(rows)} items")
         embed = self.lm.embed_tokens
-        before = embed(torch.tensor(prompt_ids[:at], device=self.device))
-        after = embed(torch.tensor(prompt_ids[at + 1 :], device=self.device))
-        embeds = torch.cat([before, rows.to(before.dtype), after], dim=0)
-        ids = prompt_ids[:at] + [self.video_pad_id] * rows.shape[0] + prompt_ids[at + 1 :]
-        return ids, embeds
+        ids: list[int] = []
+        parts: list[torch.Tensor] = []
+        start = 0
+        for where, item_rows in zip(at, rows, strict=True):
+            parts.append(embed(torch.tensor(prompt_ids[start:where], device=self.device, dtype=torch.long)))
+            parts.append(item_rows.to(parts[-1].dtype))
+            ids += prompt_ids[start:where] + [prompt_ids[where]] * item_rows.shape[0]
+            start = where + 1
+        parts.append(embed(torch.tensor(prompt_ids[start:], device=self.device, dtype=torch.long)))
+        ids += prompt_ids[start:]
+        return ids, torch.cat(parts, dim=0)
 
     def logits(self, embeds: torch.Tensor, positions: torch.Tensor, cache) -> tuple[torch.Tensor, object]:
         """One LM forward over embeds [T, D] at 1-D positions [T]; returns last-token logits [V]."""
@@ -156,30 +178,52 @@ class ReferencePipeline:
         preprocess: PreprocessConfig | None = None,
     ) -> ReferenceAnswer:
         """Answer ``question`` about ``video`` (a file, mp4 bytes, or uint8 frames [T, H, W, 3])."""
-        timings: dict[str, float] = {}
-        clock = time.perf_counter()
+        return self.answer_items([("video", video)], question, max_new_tokens, sampling, preprocess)
+
+    @torch.inference_mode()
+    def answer_items(
+        self,
+        items: list[tuple[str, str | os.PathLike | bytes | np.ndarray]],
+        question: str,
+        max_new_tokens: int = 64,
+        sampling: SamplingConfig | None = None,
+        preprocess: PreprocessConfig | None = None,
+    ) -> ReferenceAnswer:
+        """Answer about several visual items: ``("video", file/bytes/frames)`` or ``("image", [H, W, 3])``.
+
+        Each item is selected on its own against the same question (an image is a one-frame video,
+        its frame repeated to fill the temporal patch) and spliced at its own placeholder.
+        """
+        timings = dict.fromkeys(("decode", "vit", "selector", "generate"), 0.0)
         q_ids = self.question_ids(question)
-        frames = (
-            video
-            if isinstance(video, np.ndarray)
-            else decode_video(video, sampling or SamplingConfig()).frames
-        )
-        timings["decode"] = (time.perf_counter() - clock) * 1e3
-
-        clock = time.perf_counter()
-        inputs = preprocess_frames(
-            frames, preprocess or PreprocessConfig(), device=self.device, dtype=self.dtype
-        )
-        visual = self.vision(inputs.pixel_values, inputs.grid_thw)  # [M, D]
-        timings["vit"] = (time.perf_counter() - clock) * 1e3
-
-        clock = time.perf_counter()
         q_embeds = self.lm.embed_tokens(torch.tensor(q_ids, device=self.device))  # [L, D]
-        selection = self.selector.select(visual, q_embeds)
-        timings["selector"] = (time.perf_counter() - clock) * 1e3
+        selections, frame_counts, token_counts = [], [], []
+        for kind, item in items:
+            clock = time.perf_counter()
+            if kind == "image":
+                frames = np.asarray(item)[None]
+            elif isinstance(item, np.ndarray):
+                frames = item
+            else:
+                frames = decode_video(item, sampling or SamplingConfig()).frames
+            timings["decode"] += (time.perf_counter() - clock) * 1e3
+
+            clock = time.perf_counter()
+            inputs = preprocess_frames(
+                frames, preprocess or PreprocessConfig(), device=self.device, dtype=self.dtype
+            )
+            visual = self.vision(inputs.pixel_values, inputs.grid_thw)  # [M, D]
+            timings["vit"] += (time.perf_counter() - clock) * 1e3
+
+            clock = time.perf_counter()
+            selections.append(self.selector.select(visual, q_embeds))
+            timings["selector"] += (time.perf_counter() - clock) * 1e3
+            frame_counts.append(int(frames.shape[0]))
+            token_counts.append(visual.shape[0])
 
         clock = time.perf_counter()
-        ids, embeds = self.splice(self.prompt_ids(question), selection.embeds)
+        prompt = self.items_prompt_ids([kind for kind, _ in items], question)
+        ids, embeds = self.splice_items(prompt, [selection.embeds for selection in selections])
         tokens = self.generate(embeds, max_new_tokens)
         timings["generate"] = (time.perf_counter() - clock) * 1e3
         return ReferenceAnswer(
@@ -187,10 +231,11 @@ class ReferencePipeline:
             token_ids=tokens,
             prompt_ids=ids,
             positions=list(range(len(ids))),
-            selection=selection,
-            num_visual_tokens=visual.shape[0],
-            num_frames=int(frames.shape[0]),
+            selection=selections[0],
+            num_visual_tokens=token_counts[0],
+            num_frames=frame_counts[0],
             timings_ms=timings,
+            selections=selections,
         )
 
 

@@ -25,9 +25,9 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from ..config import PROJECTOR_KEY, VISION_PREFIX
 from .processor import (
-    PASSTHROUGH_FIELD,
-    SELECTED_FIELD,
-    VIDEO_PLACEHOLDER,
+    PASSTHROUGH_FIELDS,
+    PLACEHOLDERS,
+    SELECTED_FIELDS,
     QTSplusDummyInputsBuilder,
     QTSplusMultiModalProcessor,
     QTSplusProcessingInfo,
@@ -38,7 +38,7 @@ _PROCESSOR_ONLY = (VISION_PREFIX, "model.qts_plus.", PROJECTOR_KEY)
 
 
 def _rows(value: object) -> list[torch.Tensor]:
-    """Per-video [n_i, D] tensors from a batched field (a list, or one stacked [B, n, D] tensor)."""
+    """Per-item [n_i, D] tensors from a batched field (a list, or one stacked [B, n, D] tensor)."""
     if value is None:
         return []
     if isinstance(value, torch.Tensor):
@@ -61,9 +61,10 @@ class QTSplusQwen2_5_VLForCausalLM(nn.Module, SupportsMultiModal, SupportsMRoPE,
 
     @classmethod
     def get_placeholder_str(cls, modality: str, i: int) -> str | None:
-        if modality.startswith("video"):
-            return VIDEO_PLACEHOLDER
-        raise ValueError(f"QTSplus models take videos only, not {modality!r}")
+        for name, placeholder in PLACEHOLDERS.items():
+            if modality.startswith(name):
+                return placeholder
+        raise ValueError(f"QTSplus models take videos and images, not {modality!r}")
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
@@ -77,8 +78,13 @@ class QTSplusQwen2_5_VLForCausalLM(nn.Module, SupportsMultiModal, SupportsMRoPE,
         self.make_empty_intermediate_tensors = self.language_model.make_empty_intermediate_tensors
 
     def embed_multimodal(self, **kwargs: object) -> list[torch.Tensor]:
-        """The processor's rows, one [n_i, D] tensor per video in prompt order."""
-        return _rows(kwargs.get(SELECTED_FIELD)) + _rows(kwargs.get(PASSTHROUGH_FIELD))
+        """The processor's rows, one [n_i, D] tensor per item in prompt order.
+
+        vLLM batches items of one modality with the same fields per call, so exactly one of the
+        fields below is present.
+        """
+        fields = [*SELECTED_FIELDS.values(), *PASSTHROUGH_FIELDS.values()]
+        return [rows for name in fields for rows in _rows(kwargs.get(name))]
 
     def get_mrope_input_positions(self, input_tokens: list[int], mm_features) -> tuple[torch.Tensor, int]:
         """Sequential positions on all three M-RoPE axes; no offset for later tokens."""

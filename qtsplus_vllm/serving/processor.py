@@ -3,7 +3,12 @@
 vLLM fixes a request's prompt length, and so its KV blocks, in the processor, before the scheduler
 sees it. n depends on the video *and* the question, so the selection runs here, in the API-server
 process: recover the question from the prompt ids, run ViT -> selector on the lazily loaded runtime,
-return the n rows as a CPU field and expand the single ``<|video_pad|>`` to exactly n tokens.
+return the n rows as a CPU field and expand the item's single ``<|video_pad|>`` to exactly n tokens.
+
+Several videos and images per prompt go through the same gate: an image is a one-frame video (the
+frame repeated to fill the temporal patch, resized by the video rules and settings) behind
+``<|image_pad|>``. Every item is selected on its own (its own ρ, n ≤ nmax) against the same query,
+the question of the last user turn.
 
 The question and every setting that changes the selection go into the processor kwargs before the
 multimodal hash is taken, so the processor cache, the encoder cache and prefix caching never hand
@@ -23,7 +28,12 @@ import numpy as np
 import torch
 from transformers import BatchFeature
 from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
-from vllm.multimodal.parse import EmbeddingItems, MultiModalDataItems, VideoProcessorItems
+from vllm.multimodal.parse import (
+    EmbeddingItems,
+    ImageProcessorItems,
+    MultiModalDataItems,
+    VideoProcessorItems,
+)
 from vllm.multimodal.processing import (
     BaseDummyInputsBuilder,
     BaseMultiModalProcessor,
@@ -46,11 +56,18 @@ from .metrics import observe_selection
 logger = logging.getLogger("vllm.qtsplus")
 
 VIDEO_PLACEHOLDER = "<|vision_start|><|video_pad|><|vision_end|>"
+IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
+PLACEHOLDERS = {"video": VIDEO_PLACEHOLDER, "image": IMAGE_PLACEHOLDER}
+PAD_TOKENS = {"video": "<|video_pad|>", "image": "<|image_pad|>"}
+# Most items of one modality per prompt (vLLM's --limit-mm-per-prompt may lower it): each costs a
+# ViT pass and up to nmax prompt tokens.
+MAX_ITEMS = {"video": 4, "image": 8}
 # Private processor kwarg carrying (question ids, selection settings): hashed by vLLM, never
 # forwarded to a Hugging Face processor.
 SELECTION_KEY = "_qtsplus_selection"
-SELECTED_FIELD = "qts_video_embeds"  # rows computed here
-PASSTHROUGH_FIELD = "video_embeds"  # rows given as embeddings (profiling dummies, trusted clients)
+# Per modality: rows computed here, and rows given as embeddings (profiling dummies, trusted clients).
+SELECTED_FIELDS = {"video": "qts_video_embeds", "image": "qts_image_embeds"}
+PASSTHROUGH_FIELDS = {"video": "video_embeds", "image": "image_embeds"}
 
 
 class QTSplusProcessingInfo(BaseProcessingInfo):
@@ -58,34 +75,49 @@ class QTSplusProcessingInfo(BaseProcessingInfo):
         return self.ctx.get_hf_config(QTSplusConfig)
 
     def get_supported_mm_limits(self) -> Mapping[str, int | None]:
-        return {"video": 1}
+        return dict(MAX_ITEMS)
 
     def get_mm_max_tokens_per_item(self, seq_len: int, mm_counts: Mapping[str, int]) -> Mapping[str, int]:
-        return {"video": self.get_hf_config().qts_plus_nmax}
+        return dict.fromkeys(MAX_ITEMS, self.get_hf_config().qts_plus_nmax)
+
+    def pad_id(self, modality: str) -> int:
+        return self.get_tokenizer().convert_tokens_to_ids(PAD_TOKENS[modality])
 
     @property
     def video_pad_id(self) -> int:
-        return self.get_tokenizer().convert_tokens_to_ids("<|video_pad|>")
+        return self.pad_id("video")
 
 
 class QTSplusDummyInputsBuilder(BaseDummyInputsBuilder[QTSplusProcessingInfo]):
     def get_dummy_text(self, mm_counts: Mapping[str, int]) -> str:
-        return VIDEO_PLACEHOLDER * mm_counts.get("video", 0)
+        return "".join(PLACEHOLDERS[modality] * mm_counts.get(modality, 0) for modality in PLACEHOLDERS)
 
     def get_dummy_mm_data(self, seq_len: int, mm_counts: Mapping[str, int], mm_options=None):
-        """nmax zero rows per video, as embeddings: the largest item, with no ViT or selector."""
+        """nmax zero rows per item, as embeddings: the largest item, with no ViT or selector."""
         config = self.info.get_hf_config()
         dtype = self.info.ctx.model_config.dtype
         rows = config.qts_plus_nmax
         return {
-            "video": [
-                torch.zeros(rows, config.hidden_size, dtype=dtype) for _ in range(mm_counts.get("video", 0))
-            ]
+            modality: [torch.zeros(rows, config.hidden_size, dtype=dtype) for _ in range(count)]
+            for modality, count in mm_counts.items()
+            if count > 0
         }
 
 
-def _as_frames(video: object) -> np.ndarray:
-    """The decoded frames of one item as uint8 [T, H, W, 3]."""
+def _as_frames(video: object, modality: str = "video") -> np.ndarray:
+    """The decoded frames of one item as uint8 [T, H, W, 3] (an image is one frame)."""
+    if modality == "image":
+        if hasattr(video, "convert"):  # PIL
+            video = video.convert("RGB")
+        frame = np.asarray(video.cpu() if isinstance(video, torch.Tensor) else video)
+        if frame.ndim != 3 or frame.shape[-1] != 3:
+            raise ValueError(f"an image must decode to [H, W, 3], got shape {list(frame.shape)}")
+        height, width = frame.shape[:2]
+        try:  # vLLM's own guard is VLLM_MAX_IMAGE_PIXELS; ours applies to every visual item
+            server_limits().check_stream(width, height, None, None)
+        except LimitExceeded as err:
+            raise as_http_error(err) from err
+        return frame[None].astype(np.uint8, copy=False)
     if isinstance(video, torch.Tensor):
         video = video.cpu().numpy()
     elif isinstance(video, list):
@@ -124,12 +156,13 @@ def _select(runtime, frames: np.ndarray, question_ids: list[int], options: Selec
         raise as_http_error(unavailable) from err
 
 
-def _report(result, cache_stats: dict[str, int]) -> None:
-    """One log line and the Prometheus metrics for one video."""
+def _report(modality: str, result, cache_stats: dict[str, int]) -> None:
+    """One log line and the Prometheus metrics for one video or image."""
     observe_selection(result, cache_stats)
     logger.info(
-        "QTSplus video: frames=%d M=%d n=%d rho=%s kept=%.1f%% vit_cache=%s preprocess_ms=%.1f vit_ms=%.1f "
+        "QTSplus %s: frames=%d M=%d n=%d rho=%s kept=%.1f%% vit_cache=%s preprocess_ms=%.1f vit_ms=%.1f "
         "selector_ms=%.1f",
+        modality,
         result.num_frames,
         result.num_visual_tokens,
         result.n,
@@ -150,8 +183,8 @@ class QTSplusMultiModalProcessor(BaseMultiModalProcessor[QTSplusProcessingInfo])
 
     def apply(self, inputs: ProcessorInputs, timing_ctx):
         """Put the question and the effective settings into the (hashed) processor kwargs."""
-        videos = inputs.mm_data_items.get("video")
-        if isinstance(videos, VideoProcessorItems):
+        items = [inputs.mm_data_items.get(modality) for modality in MAX_ITEMS]
+        if any(isinstance(item, ImageProcessorItems | VideoProcessorItems) for item in items):
             request_kwargs = {k: v for k, v in inputs.hf_processor_mm_kwargs.items() if k != SELECTION_KEY}
             merged = self.info.ctx.get_mm_config().merge_mm_processor_kwargs(request_kwargs)
             options = parse_options(merged)
@@ -177,26 +210,29 @@ class QTSplusMultiModalProcessor(BaseMultiModalProcessor[QTSplusProcessingInfo])
         self, mm_items: MultiModalDataItems, hf_kwargs: Mapping[str, object]
     ) -> BatchFeature:
         out = BatchFeature()
-        videos = mm_items.get("video")
-        if isinstance(videos, EmbeddingItems):
-            out[PASSTHROUGH_FIELD] = [videos.get(i) for i in range(len(videos))]
-        elif isinstance(videos, VideoProcessorItems) and len(videos) > 0:
-            question_ids, settings = hf_kwargs[SELECTION_KEY]
-            options = SelectionOptions(**dict(settings))
-            runtime = self._runtime()
-            rows = []
-            for i in range(len(videos)):
-                result = _select(runtime, _as_frames(videos.get(i)), list(question_ids), options)
-                rows.append(result.embeds)
-                _report(result, runtime.feature_cache.stats())
-            out[SELECTED_FIELD] = rows
+        for modality in MAX_ITEMS:
+            items = mm_items.get(modality)
+            if isinstance(items, EmbeddingItems):
+                out[PASSTHROUGH_FIELDS[modality]] = [items.get(i) for i in range(len(items))]
+            elif isinstance(items, ImageProcessorItems | VideoProcessorItems) and len(items) > 0:
+                question_ids, settings = hf_kwargs[SELECTION_KEY]
+                options = SelectionOptions(**dict(settings))
+                runtime = self._runtime()
+                rows = []
+                for i in range(len(items)):
+                    frames = _as_frames(items.get(i), modality)
+                    result = _select(runtime, frames, list(question_ids), options)
+                    rows.append(result.embeds)
+                    _report(modality, result, runtime.feature_cache.stats())
+                out[SELECTED_FIELDS[modality]] = rows
         return out
 
     def _get_mm_fields_config(self, hf_inputs: BatchFeature, hf_processor_mm_kwargs: Mapping[str, object]):
-        return {
-            SELECTED_FIELD: MultiModalFieldConfig.batched("video"),
-            PASSTHROUGH_FIELD: MultiModalFieldConfig.batched("video"),
-        }
+        fields = {}
+        for modality in MAX_ITEMS:
+            fields[SELECTED_FIELDS[modality]] = MultiModalFieldConfig.batched(modality)
+            fields[PASSTHROUGH_FIELDS[modality]] = MultiModalFieldConfig.batched(modality)
+        return fields
 
     def _get_prompt_updates(
         self,
@@ -204,11 +240,15 @@ class QTSplusMultiModalProcessor(BaseMultiModalProcessor[QTSplusProcessingInfo])
         hf_processor_mm_kwargs: Mapping[str, object],
         out_mm_kwargs: MultiModalKwargsItems,
     ) -> Sequence[PromptUpdate]:
-        pad = self.info.video_pad_id
+        def replacement(modality: str):
+            pad = self.info.pad_id(modality)
 
-        def expand(item_idx: int) -> list[int]:
-            item = out_mm_kwargs["video"][item_idx]
-            field = item[SELECTED_FIELD] if SELECTED_FIELD in item else item[PASSTHROUGH_FIELD]
-            return [pad] * int(field.data.shape[0])
+            def expand(item_idx: int) -> list[int]:
+                item = out_mm_kwargs[modality][item_idx]
+                selected, passthrough = SELECTED_FIELDS[modality], PASSTHROUGH_FIELDS[modality]
+                field = item[selected] if selected in item else item[passthrough]
+                return [pad] * int(field.data.shape[0])
 
-        return [PromptReplacement(modality="video", target=[pad], replacement=expand)]
+            return PromptReplacement(modality=modality, target=[pad], replacement=expand)
+
+        return [replacement(modality) for modality in MAX_ITEMS]

@@ -263,3 +263,15 @@ def test_fetch_of_a_silent_server_times_out(http, good_request):
         listener.close()
     assert response.status_code == 400, response.text[:500]
     assert "cannot fetch the video_url" in response.json()["error"]["message"]
+
+
+def test_refusals_are_counted_in_metrics(server, http):
+    """After the table above: limit (413), fetch (400) and out-of-memory (503) refusals are counted."""
+    text = http.get(server.url_for("metrics")).text
+    counts = {
+        status: float(line.rsplit(" ", 1)[1])
+        for status in ("400", "413", "503")
+        for line in text.splitlines()
+        if line.startswith(f'qtsplus_rejected_requests_total{{status="{status}"}}')
+    }
+    assert counts.get("413", 0) >= 5 and counts.get("503", 0) >= 1 and counts.get("400", 0) >= 1, counts

@@ -7,12 +7,19 @@ positions.
 
 from __future__ import annotations
 
+import base64
+import io
+
+import httpx
+import numpy as np
 import openai
 import pytest
+from PIL import Image
 
 from qtsplus_vllm.reference import ReferencePipeline
 from qtsplus_vllm.testing import make_video, write_tiny_checkpoint
 from qtsplus_vllm.testing.server import RemoteServer, cpu_serve_args
+from qtsplus_vllm.testing.videos import render_frames
 
 QUESTIONS = ["What is moving in the video?", "Which colour is the background?"]
 MAX_TOKENS = 10
@@ -190,3 +197,58 @@ def test_undecodable_video_is_400(assets, client):
     with pytest.raises(openai.BadRequestError, match="video"):
         chat(client, bad, ["Hi"], max_tokens=1)
     assert chat(client, assets[2][0], ["Hi"], max_tokens=1).choices[0].token_ids
+
+
+def _image(seed: int) -> np.ndarray:
+    return render_frames(1, (80, 56), seed=seed)[0]
+
+
+def _png_url(image: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")  # lossless: the server sees these pixels
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+@pytest.mark.parametrize(
+    "kinds", [("video", "video"), ("image",), ("video", "image", "image")], ids=["2-videos", "image", "mixed"]
+)
+def test_several_items_and_images_equal_the_oracle(assets, client, oracle, kinds):
+    """Each item is selected on its own against the turn's question, spliced at its own placeholder."""
+    videos = iter(assets[2])
+    items, content = [], []
+    for k, kind in enumerate(kinds):
+        if kind == "video":
+            video = next(videos)
+            items.append(("video", video))
+            content.append({"type": "video_url", "video_url": {"url": f"file://{video}"}})
+        else:
+            image = _image(seed=30 + k)
+            items.append(("image", image))
+            content.append({"type": "image_url", "image_url": {"url": _png_url(image)}})
+    content.append({"type": "text", "text": QUESTIONS[0]})
+    expected = oracle.answer_items(items, QUESTIONS[0], max_new_tokens=MAX_TOKENS)
+    response = client.chat.completions.create(
+        model=client.models.list().data[0].id, messages=[{"role": "user", "content": content}],
+        temperature=0, max_tokens=MAX_TOKENS, extra_body={"return_token_ids": True},
+    )  # fmt: skip
+    assert response.prompt_token_ids == expected.prompt_ids
+    assert response.choices[0].token_ids == expected.token_ids
+    image_pad = oracle.image_pad_id
+    n_images = sum(s.n for (kind, _), s in zip(items, expected.selections, strict=True) if kind == "image")
+    assert response.prompt_token_ids.count(image_pad) == n_images
+
+
+def test_metrics_report_the_selection_and_the_feature_cache(server, assets, client):
+    video = assets[2][0]
+    for question in QUESTIONS:  # the second question on the same video hits the feature cache
+        chat(client, video, [question], max_tokens=1)
+    text = httpx.get(server.url_for("metrics"), timeout=30).text
+    values = {}
+    for line in text.splitlines():
+        if line.startswith("qtsplus_") and " " in line:
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    assert values["qtsplus_kept_ratio_count"] > 0 and values["qtsplus_visual_tokens_count"] > 0
+    assert values["qtsplus_vit_seconds_count"] > 0 and values["qtsplus_selector_seconds_count"] > 0
+    assert values["qtsplus_feature_cache_hits_total"] >= 1 and values["qtsplus_feature_cache_misses_total"] >= 1
+    assert values["qtsplus_feature_cache_bytes"] > 0 and values["qtsplus_feature_cache_entries"] >= 1

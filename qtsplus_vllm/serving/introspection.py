@@ -1,0 +1,306 @@
+"""``POST /v1/qtsplus/selection``: which visual tokens QTS+ keeps for a (video, question), and where.
+
+A vLLM endpoint plugin (entry point ``vllm.endpoint_plugins`` -> ``qtsplus``). vLLM loads endpoint
+plugins only when ``VLLM_PLUGINS`` names them, and that variable is an allowlist for every plugin
+group, so ``VLLM_PLUGINS=qtsplus`` enables this endpoint and the general plugin together.
+
+A request carries what a chat request carries (``messages``, or the shorthand ``video`` +
+``question``; ``mm_processor_kwargs``, ``media_io_kwargs``) and takes the chat path up to the
+multimodal processor: vLLM's renderer fetches the video with the server's media connector (our
+limits apply), renders the chat template and tokenizes; the query rule picks the question from the
+prompt ids; the selection runs on the process-global runtime the processor uses (so it shares its
+ViT-feature cache) behind the processor's limits. So M, n and the kept tokens are those a chat
+request with the same inputs gets, and a bad input gets the chat endpoint's status and message
+(raised here, answered by vLLM's exception handlers in its error shape).
+
+Token geometry: M = t · gh · gw tokens after the 2×2 merger, time-major then row then column;
+temporal step k (one ViT temporal patch) covers sampled frames 2k and 2k+1.
+
+``GET /qtsplus`` serves a self-contained page that plots the answer (``static/selection.html``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import time
+from argparse import Namespace
+from collections.abc import Sequence
+from importlib import resources
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse
+from PIL import Image
+from pydantic import BaseModel, model_validator
+
+from ..limits import LimitExceeded, server_limits
+from ..options import parse_options
+from ..question import extract_question_ids
+from ..runtime import VideoSelection, get_runtime, resolve_model_dir
+from .errors import as_http_error
+from .processor import _as_frames, _select
+
+ROUTE = "/v1/qtsplus/selection"
+PAGE_ROUTE = "/qtsplus"
+THUMBNAIL_WIDTH = 192  # pixels; thumbnails only for steps with kept tokens
+
+
+class SelectionRequest(BaseModel):
+    """A chat request's inputs: ``messages`` as for ``/v1/chat/completions``, or ``video`` + ``question``."""
+
+    model: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    video: str | None = None  # a video_url: http(s)://, file://, data:
+    question: str | None = None
+    mm_processor_kwargs: dict[str, Any] | None = None
+    media_io_kwargs: dict[str, dict[str, Any]] | None = None
+    video_index: int = 0  # which video of the request to inspect
+    include_frames: bool = False  # add JPEG thumbnails of the steps with kept tokens
+
+    @model_validator(mode="after")
+    def _one_input(self) -> SelectionRequest:
+        if (self.messages is None) == (self.video is None):
+            raise ValueError("give either `messages` or `video` (with an optional `question`), not both")
+        if self.question is not None and self.video is None:
+            raise ValueError("`question` goes with `video`; with `messages` the question is in the messages")
+        return self
+
+    def chat_messages(self) -> list[dict[str, Any]]:
+        if self.messages is not None:
+            return self.messages
+        content: list[dict[str, Any]] = [{"type": "video_url", "video_url": {"url": self.video}}]
+        if self.question:
+            content.append({"type": "text", "text": self.question})
+        return [{"role": "user", "content": content}]
+
+
+class Grid(BaseModel):
+    t: int  # temporal steps
+    h: int  # token rows per step
+    w: int  # token columns per step
+
+
+class StepSummary(BaseModel):
+    """One temporal step (two sampled frames): its time and how relevant its tokens are."""
+
+    step: int
+    index: int  # source frame index of the step's first sampled frame
+    source_indices: list[int]  # source frame indices of both sampled frames
+    timestamp_s: float
+    relevance_max: float | None  # None with selection off
+    relevance_mean: float | None
+    kept_tokens: int
+    thumbnail: str | None = None  # data:image/jpeg;base64,... (include_frames, kept_tokens > 0)
+
+
+class KeptToken(BaseModel):
+    token: int  # position among the M
+    step: int
+    frame_index: int  # source frame index
+    timestamp_s: float
+    row: int
+    col: int
+    relevance: float | None
+
+
+class SelectionResponse(BaseModel):
+    object: str = "qtsplus.selection"
+    model: str
+    question: str
+    M: int
+    n: int
+    rho: float | None  # None with selection off
+    kept_ratio: float  # n / M
+    num_frames: int  # sampled frames
+    grid: Grid
+    frames: list[StepSummary]  # one per temporal step; kept_tokens sum to n
+    kept: list[KeptToken]  # ascending token position
+    timings_ms: dict[str, float]
+    cache_hit: bool
+    feature_cache: dict[str, int]
+
+
+def describe_selection(
+    selection: VideoSelection, frame_indices: Sequence[int], fps: float | None
+) -> tuple[Grid, list[StepSummary], list[KeptToken]]:
+    """Map the kept token positions to steps, source frames, timestamps and grid cells.
+
+    Token i lies in step i // (gh·gw), row (i mod gh·gw) // gw, column i mod gw. A step's time is that
+    of its first sampled frame, source index / source fps (the sampled position when fps is unknown).
+    """
+    t, h, w = selection.grid_thw
+    merge = selection.merge_size
+    grid = Grid(t=t, h=h // merge, w=w // merge)
+    per_step = grid.h * grid.w
+    last = len(frame_indices) - 1
+
+    def source(step: int, offset: int = 0) -> int:
+        position = min(2 * step + offset, last)
+        return int(frame_indices[position]) if last >= 0 else 2 * step + offset
+
+    def seconds(step: int) -> float:
+        return source(step) / fps if fps else float(min(2 * step, max(last, 0)))
+
+    indices = selection.indices.tolist()
+    kept_per_step = np.bincount(np.asarray(indices, dtype=np.int64) // per_step, minlength=t)
+    scores = None if selection.scores is None else selection.scores.view(t, per_step)  # [t, gh·gw]
+    steps = [
+        StepSummary(
+            step=k,
+            index=source(k),
+            source_indices=[source(k), source(k, 1)],
+            timestamp_s=seconds(k),
+            relevance_max=None if scores is None else float(scores[k].max()),
+            relevance_mean=None if scores is None else float(scores[k].mean()),
+            kept_tokens=int(kept_per_step[k]),
+        )
+        for k in range(t)
+    ]
+    flat = None if selection.scores is None else selection.scores.tolist()
+    kept = [
+        KeptToken(
+            token=i,
+            step=i // per_step,
+            frame_index=source(i // per_step),
+            timestamp_s=seconds(i // per_step),
+            row=i % per_step // grid.w,
+            col=i % grid.w,
+            relevance=None if flat is None else flat[i],
+        )
+        for i in indices
+    ]
+    return grid, steps, kept
+
+
+def encode_thumbnail(frame: np.ndarray, width: int = THUMBNAIL_WIDTH) -> str:
+    """uint8 [H, W, 3] -> a JPEG data URL at most ``width`` pixels wide."""
+    image = Image.fromarray(frame)
+    if image.width > width:
+        image = image.resize((width, max(1, round(image.height * width / image.width))), Image.BILINEAR)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=80)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _unpack_video(item: object) -> tuple[np.ndarray, dict[str, Any]]:
+    """A fetched video item (vLLM's MediaWithBytes of (frames, metadata), or frames) -> both."""
+    media = getattr(item, "media", item)
+    frames, metadata = media if isinstance(media, tuple) else (media, {})
+    return _as_frames(frames), dict(metadata or {})
+
+
+class SelectionInspector:
+    """The endpoint's work, bound to one server's renderer, models and model config."""
+
+    def __init__(self, state: Any, engine_client: Any):
+        self.online_renderer = state.online_renderer
+        self.models = state.openai_serving_models
+        self.model_config = engine_client.model_config
+
+    async def inspect(self, body: SelectionRequest) -> SelectionResponse | JSONResponse:
+        from vllm.entrypoints.generate.base.protocol import validate_request_mm_kwargs
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+
+        started = time.perf_counter()
+        if (error := await self.models.check_model(body.model)) is not None:
+            return JSONResponse(error.model_dump(), status_code=error.error.code)
+        chat = ChatCompletionRequest(
+            model=body.model,
+            messages=body.chat_messages(),
+            mm_processor_kwargs=body.mm_processor_kwargs,
+            media_io_kwargs=body.media_io_kwargs,
+        )
+        # the chat path up to the multimodal processor (OnlineRenderer.preprocess_chat)
+        online = self.online_renderer
+        validate_request_mm_kwargs(
+            mm_processor_kwargs=chat.mm_processor_kwargs,
+            media_io_kwargs=chat.media_io_kwargs,
+            trust_request_mm_kwargs=online.trust_request_mm_kwargs,
+        )
+        mm_config = self.model_config.multimodal_config
+        chat_params = chat.build_chat_params(online.chat_template, online.chat_template_content_format)
+        chat_params = chat_params.with_defaults(
+            online.default_chat_template_kwargs,
+            default_media_io_kwargs=mm_config.media_io_kwargs if mm_config else None,
+            default_mm_processor_kwargs=chat.mm_processor_kwargs,
+        )
+        renderer = online.renderer
+        _, prompt = await renderer.render_messages_async(chat.messages, chat_params)
+        tokens = await renderer.tokenize_prompt_async(prompt, chat.build_tok_params(self.model_config))
+        videos = (prompt.get("multi_modal_data") or {}).get("video") or []
+        if not 0 <= body.video_index < len(videos):
+            raise ValueError(f"video_index={body.video_index}, but the request has {len(videos)} video(s)")
+        frames, metadata = _unpack_video(videos[body.video_index])
+        render_ms = (time.perf_counter() - started) * 1e3
+
+        # the processor's steps (QTSplusMultiModalProcessor.apply and _apply_hf_processor_main)
+        options = parse_options(mm_config.merge_mm_processor_kwargs(body.mm_processor_kwargs or {}))
+        tokenizer = renderer.get_tokenizer()
+        question_ids = extract_question_ids(tokens["prompt_token_ids"], tokenizer)
+        try:
+            server_limits().check_question_tokens(len(question_ids))
+        except LimitExceeded as err:
+            raise as_http_error(err) from err
+        runtime = get_runtime(
+            resolve_model_dir(self.model_config.model, self.model_config.revision), self.model_config.dtype
+        )
+        selection = await asyncio.to_thread(_select, runtime, frames, question_ids, options)
+
+        grid, steps, kept = describe_selection(
+            selection, metadata.get("frames_indices", []), metadata.get("fps")
+        )
+        if body.include_frames:
+            wanted = [step for step in steps if step.kept_tokens]
+            pictures = await asyncio.to_thread(
+                lambda: [encode_thumbnail(frames[min(2 * s.step, len(frames) - 1)]) for s in wanted]
+            )
+            for step, picture in zip(wanted, pictures, strict=True):
+                step.thumbnail = picture
+        timings = {"render_ms": render_ms, **selection.timings_ms}
+        timings["total_ms"] = (time.perf_counter() - started) * 1e3
+        return SelectionResponse(
+            model=body.model or self.models.model_name(),
+            question=tokenizer.decode(question_ids),
+            M=selection.num_visual_tokens,
+            n=selection.n,
+            rho=selection.rho,
+            kept_ratio=selection.n / selection.num_visual_tokens,
+            num_frames=selection.num_frames,
+            grid=grid,
+            frames=steps,
+            kept=kept,
+            timings_ms=timings,
+            cache_hit=selection.cache_hit,
+            feature_cache=runtime.feature_cache.stats(),
+        )
+
+
+router = APIRouter()
+
+
+@router.post(ROUTE, response_model=SelectionResponse)
+async def create_selection(body: SelectionRequest, raw_request: Request):
+    """The selection a chat request with these inputs gets, mapped to frames and timestamps."""
+    return await raw_request.app.state.qtsplus_inspector.inspect(body)
+
+
+@router.get(PAGE_ROUTE, response_class=HTMLResponse)
+async def selection_page() -> HTMLResponse:
+    """A self-contained page that plots the endpoint's answer (runs itself given ``?video=...``)."""
+    return HTMLResponse(resources.files(__package__).joinpath("static/selection.html").read_text("utf-8"))
+
+
+class QTSplusSelectionEndpoint:
+    """The endpoint plugin: vLLM calls the class (a zero-argument factory) in the API server."""
+
+    name = "qtsplus"
+    required_tasks = ("generate",)  # needs an engine: not on vLLM's render-only server
+
+    def attach_router(self, app: FastAPI) -> None:
+        app.include_router(router)
+
+    async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
+        state.qtsplus_inspector = SelectionInspector(state, engine_client)
