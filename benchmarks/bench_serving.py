@@ -13,6 +13,10 @@ is flattered by a processor-, encoder- or prefix-cache hit on a repeated request
     # or let the script start `vllm serve` itself (flags recorded in the result)
     python benchmarks/bench_serving.py --serve MODEL_DIR --serve-args "--dtype float32" --system qtsplus ...
 
+    # follow-up questions: per video a cold question, then another question on the same video
+    # (one request at a time; QTSplus's ViT-feature cache serves the second from the first's ViT run)
+    python benchmarks/bench_serving.py --serve MODEL_DIR --system qtsplus --follow-up --video-seconds 64,256
+
 Writes one JSON file per run to benchmarks/results/ (machine, versions, git sha, server flags and
 the exact command); ``benchmarks/plot.py`` draws result files.
 """
@@ -283,6 +287,69 @@ def benchmark(
     return asyncio.run(sweep())
 
 
+def feature_cache_counters(base_url: str) -> dict[str, float]:
+    """QTSplus's feature-cache counters from the server's Prometheus ``/metrics`` (empty if absent)."""
+    import urllib.request
+
+    root = base_url.rstrip("/").removesuffix("/v1")
+    try:
+        with urllib.request.urlopen(f"{root}/metrics", timeout=30) as response:
+            text = response.read().decode()
+    except OSError:
+        return {}
+    names = ("qtsplus_feature_cache_hits_total", "qtsplus_feature_cache_misses_total")
+    return {
+        line.split(" ")[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(names)
+    }
+
+
+def follow_up_benchmark(
+    base_url: str,
+    model: str | None,
+    videos_by_length: dict[str, list[str]],
+    questions: list[str],
+    num_requests: int,
+    warmup: int,
+    max_tokens: int,
+    extra_body: dict,
+) -> list[dict]:
+    """Per video: a cold question, then a follow-up question once it is answered; one row per phase."""
+    client = openai.AsyncOpenAI(base_url=base_url, api_key="EMPTY", max_retries=0, timeout=3600)
+
+    async def sweep() -> list[dict]:
+        name = model or (await client.models.list()).data[0].id
+        rows = []
+        total = (warmup + 2 * num_requests) * len(videos_by_length)
+        with tqdm(total=total, desc="requests", unit="req") as progress:
+            for label, urls in videos_by_length.items():
+                pool = iter(urls)
+                warm = [(next(pool), f"{questions[0]} (warm-up {i})") for i in range(warmup)]
+                await run_level(client, name, warm, 1, math.inf, max_tokens, extra_body, progress)
+                phases: dict[str, list[RequestResult]] = {"cold": [], "follow-up": []}
+                walls = dict.fromkeys(phases, 0.0)
+                for i in range(num_requests):
+                    url = next(pool)
+                    for k, phase in enumerate(phases):
+                        job = [(url, f"{questions[(i + k) % len(questions)]} (video {i}, {phase})")]
+                        progress.set_postfix(video=label, phase=phase)
+                        results, wall = await run_level(
+                            client, name, job, 1, math.inf, max_tokens, extra_body, progress
+                        )
+                        phases[phase] += results
+                        walls[phase] += wall
+                for phase, results in phases.items():
+                    rows.append(
+                        {"video": label, "concurrency": 1, "phase": phase, **summarize(results, walls[phase])}
+                    )
+                rows[-1]["feature_cache"] = feature_cache_counters(base_url)  # cumulative, server-wide
+        await client.close()
+        return rows
+
+    return asyncio.run(sweep())
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
@@ -306,6 +373,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--num-requests", type=int, default=8, help="requests per concurrency level (at least the level)"
     )
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument(
+        "--follow-up",
+        action="store_true",
+        help="per video a cold question then a follow-up on the same video (concurrency 1)",
+    )
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--mm-processor-kwargs", default="", help="JSON sent with every request")
     p.add_argument("--media-io-kwargs", default="", help="JSON sent with every request")
@@ -320,6 +392,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("give exactly one of --base-url and --serve")
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     per_length = args.warmup + sum(requests_per_level(args.num_requests, c) for c in concurrencies)
+    if args.follow_up:
+        per_length = args.warmup + args.num_requests
     videos: dict[str, list[str]] = {}
     if args.video:
         urls = [v if "://" in v else f"file://{Path(v).resolve()}" for v in args.video]
@@ -338,6 +412,11 @@ def main(argv: list[str] | None = None) -> int:
     serve_args = shlex.split(args.serve_args)
 
     def run(base_url: str) -> list[dict]:
+        if args.follow_up:
+            return follow_up_benchmark(
+                base_url, args.model, videos, args.question or DEFAULT_QUESTIONS, args.num_requests,
+                args.warmup, args.max_tokens, extra_body,
+            )  # fmt: skip
         return benchmark(
             base_url, args.model, videos, args.question or DEFAULT_QUESTIONS, concurrencies,
             args.num_requests, args.warmup, args.request_rate, args.max_tokens, extra_body,
@@ -353,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = run(args.base_url)
 
     result = {
-        "benchmark": "serving",
+        "benchmark": "serving-follow-up" if args.follow_up else "serving",
         "system": args.system,
         "command": shlex.join(["python", "benchmarks/bench_serving.py", *argv]),
         "server": {"model": args.serve, "flags": serve_args} if args.serve else {"base_url": args.base_url},
@@ -376,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(result, indent=2, default=str))
     for row in rows:
         print(
-            f"{args.system:>12} {row['video']:>7} c={row['concurrency']:<3} ok={row['requests'] - row['failed']}/{row['requests']} "
+            f"{args.system:>12} {row['video']:>7} {row.get('phase', ''):>9} c={row['concurrency']:<3} ok={row['requests'] - row['failed']}/{row['requests']} "
             f"TTFT p50={row['ttft_s']['p50']:.3f}s latency p50={row['latency_s']['p50']:.3f}s "
             f"req/s={row['requests_per_s']:.2f} tok/s={row['output_tokens_per_s']:.1f} prompt p50={row['prompt_tokens']['p50']:.0f}"
         )

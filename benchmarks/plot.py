@@ -4,7 +4,9 @@
 
 Writes ``serving-latency-vs-length.png`` (median TTFT and prompt tokens against video length, at
 ``--concurrency``, default the lowest level present) and ``serving-throughput-vs-concurrency.png``
-(requests/s and median TTFT against concurrency, for ``--video``, default the longest video).
+(requests/s and median TTFT against concurrency, for ``--video``, default the longest video);
+with ``--follow-up`` results (``bench_serving.py --follow-up``) also ``serving-follow-up.png``
+(median TTFT of a cold question and of a follow-up on the same video, per video length).
 """
 
 from __future__ import annotations
@@ -28,14 +30,36 @@ def seconds(label: str) -> float:
     )
 
 
-def load(paths: list[Path]) -> dict[str, list[dict]]:
+def load(paths: list[Path], benchmark: str = "serving") -> dict[str, list[dict]]:
     """Rows by system (later files for the same system add rows)."""
     rows: dict[str, list[dict]] = defaultdict(list)
     for path in paths:
         result = json.loads(path.read_text())
-        if result.get("benchmark") == "serving":
+        if result.get("benchmark") == benchmark:
             rows[result["system"]].extend(result["rows"])
     return rows
+
+
+def plot_follow_up(rows: dict[str, list[dict]], out: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for system, rs in sorted(rows.items()):
+        lengths = sorted({r["video"] for r in rs}, key=seconds)
+        xs = range(len(lengths))
+        for offset, phase in ((-0.2, "cold"), (0.2, "follow-up")):
+            ttft = [
+                next(r["ttft_s"]["p50"] for r in rs if r["video"] == v and r["phase"] == phase)
+                for v in lengths
+            ]
+            bars = ax.bar([x + offset for x in xs], ttft, width=0.4, label=f"{system}: {phase}")
+            ax.bar_label(bars, fmt="%.2f s", fontsize=8)
+        ax.set_xticks(list(xs), lengths)
+    ax.set(xlabel="video length", ylabel="median TTFT (s)", title="Follow-up question on the same video")
+    ax.legend()
+    fig.tight_layout()
+    path = out / "serving-follow-up.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def plot_latency_vs_length(rows: dict[str, list[dict]], concurrency: int | None, out: Path) -> Path:
@@ -104,13 +128,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--video", default=None)
     args = parser.parse_args(argv)
     rows = load(args.results)
-    if not rows:
+    follow_up = load(args.results, "serving-follow-up")
+    if not rows and not follow_up:
         raise SystemExit("no serving results in the given files")
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    for path in (
-        plot_latency_vs_length(rows, args.concurrency, args.out_dir),
-        plot_throughput_vs_concurrency(rows, args.video, args.out_dir),
-    ):
+    paths = []
+    if rows:
+        paths += [
+            plot_latency_vs_length(rows, args.concurrency, args.out_dir),
+            plot_throughput_vs_concurrency(rows, args.video, args.out_dir),
+        ]
+    if follow_up:
+        paths.append(plot_follow_up(follow_up, args.out_dir))
+    for path in paths:
         print(f"wrote {path}")
     return 0
 

@@ -60,3 +60,27 @@ def test_serving_benchmark_runs_and_plots(tmp_path):
 def test_bad_command_lines_stop_early(argv):
     with pytest.raises(SystemExit):
         load("bench_serving").main(argv)
+
+
+def test_follow_up_benchmark_hits_the_feature_cache_and_plots(tmp_path):
+    bench, plot = load("bench_serving"), load("plot")
+    model = write_tiny_checkpoint(tmp_path / "model", seed=6)
+    out = tmp_path / "follow-up.json"
+    args = [
+        "--system", "qtsplus", "--serve", str(model), "--follow-up",
+        "--serve-args", "--enforce-eager --dtype float32 --max-model-len 4096",
+        "--video-seconds", "8", "--video-dir", str(tmp_path / "videos"),
+        "--num-requests", "2", "--warmup", "1", "--max-tokens", "3", "--out", str(out),
+    ]  # fmt: skip
+    assert bench.main(args) == 0
+    result = json.loads(out.read_text())
+    assert result["benchmark"] == "serving-follow-up"
+    rows = result["rows"]
+    assert [(r["video"], r["phase"]) for r in rows] == [("8s", "cold"), ("8s", "follow-up")]
+    assert all(r["failed"] == 0 and r["requests"] == 2 for r in rows)
+    counters = rows[-1]["feature_cache"]
+    # the warm-up and the two cold questions miss; the two follow-ups hit
+    assert counters["qtsplus_feature_cache_hits_total"] == 2
+    assert counters["qtsplus_feature_cache_misses_total"] == 3
+    assert plot.main([str(out), "--out-dir", str(tmp_path)]) == 0
+    assert (tmp_path / "serving-follow-up.png").stat().st_size > 10_000
