@@ -25,6 +25,14 @@ echo "== setting up $VENV (one-time, a few minutes) =="
 "$VENV/bin/python" -m pip install --quiet --no-deps ./scripts/vllm_dist_shim
 # PyPI's torchvision is a CUDA build; make it importable next to torch+cpu.
 "$VENV/bin/python" scripts/cpu_torchvision_stubs.py
+# Headless Chromium for the selection page's browser test (it skips without one): Debian's package,
+# only as root with apt-get; a failed install leaves a log and does not fail the set-up.
+if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null \
+    && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; } \
+        >"$VENV/chromium-install.log" 2>&1 \
+        || echo "== chromium not installed (see $VENV/chromium-install.log): the browser test will skip =="
+fi
 rm -f "$VENV"/.qtsplus-setup-*
 touch "$stamp"
 echo "== $VENV ready =="

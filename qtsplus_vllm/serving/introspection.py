@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse
 from PIL import Image
 from pydantic import BaseModel, model_validator
 
@@ -200,20 +200,30 @@ class SelectionInspector:
         self.models = state.openai_serving_models
         self.model_config = engine_client.model_config
 
-    async def inspect(self, body: SelectionRequest) -> SelectionResponse | JSONResponse:
+    def _check_model(self, name: str | None) -> None:
+        """The chat endpoint's 404 for a model name this server does not serve."""
+        from vllm.exceptions import VLLMNotFoundError
+
+        if name and not self.models.is_base_model(name) and name not in self.models.lora_requests:
+            served = ", ".join(path.name for path in self.models.base_model_paths)
+            raise VLLMNotFoundError(f"The model `{name}` does not exist. Valid aliases: {served}.")
+
+    async def _render(self, body: SelectionRequest) -> tuple[list[int], np.ndarray, dict[str, Any]]:
+        """The chat path up to the multimodal processor (``OnlineRenderer.preprocess_chat``).
+
+        Returns the prompt ids as the chat template renders them, and the chosen video's frames
+        [T, H, W, 3] and loader metadata.
+        """
         from vllm.entrypoints.generate.base.protocol import validate_request_mm_kwargs
         from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 
-        started = time.perf_counter()
-        if (error := await self.models.check_model(body.model)) is not None:
-            return JSONResponse(error.model_dump(), status_code=error.error.code)
+        self._check_model(body.model)
         chat = ChatCompletionRequest(
             model=body.model,
             messages=body.chat_messages(),
             mm_processor_kwargs=body.mm_processor_kwargs,
             media_io_kwargs=body.media_io_kwargs,
         )
-        # the chat path up to the multimodal processor (OnlineRenderer.preprocess_chat)
         online = self.online_renderer
         validate_request_mm_kwargs(
             mm_processor_kwargs=chat.mm_processor_kwargs,
@@ -227,19 +237,23 @@ class SelectionInspector:
             default_media_io_kwargs=mm_config.media_io_kwargs if mm_config else None,
             default_mm_processor_kwargs=chat.mm_processor_kwargs,
         )
-        renderer = online.renderer
-        _, prompt = await renderer.render_messages_async(chat.messages, chat_params)
-        tokens = await renderer.tokenize_prompt_async(prompt, chat.build_tok_params(self.model_config))
+        _, prompt = await online.renderer.render_messages_async(chat.messages, chat_params)
+        tokens = await online.renderer.tokenize_prompt_async(prompt, chat.build_tok_params(self.model_config))
         videos = (prompt.get("multi_modal_data") or {}).get("video") or []
         if not 0 <= body.video_index < len(videos):
             raise ValueError(f"video_index={body.video_index}, but the request has {len(videos)} video(s)")
-        frames, metadata = _unpack_video(videos[body.video_index])
+        return tokens["prompt_token_ids"], *_unpack_video(videos[body.video_index])
+
+    async def inspect(self, body: SelectionRequest) -> SelectionResponse:
+        started = time.perf_counter()
+        prompt_ids, frames, metadata = await self._render(body)
         render_ms = (time.perf_counter() - started) * 1e3
 
-        # the processor's steps (QTSplusMultiModalProcessor.apply and _apply_hf_processor_main)
+        # the processor's steps (QTSplusMultiModalProcessor.apply, then _apply_hf_processor_main)
+        mm_config = self.model_config.multimodal_config
         options = parse_options(mm_config.merge_mm_processor_kwargs(body.mm_processor_kwargs or {}))
-        tokenizer = renderer.get_tokenizer()
-        question_ids = extract_question_ids(tokens["prompt_token_ids"], tokenizer)
+        tokenizer = self.online_renderer.renderer.get_tokenizer()
+        question_ids = extract_question_ids(prompt_ids, tokenizer)
         try:
             server_limits().check_question_tokens(len(question_ids))
         except LimitExceeded as err:
@@ -247,6 +261,7 @@ class SelectionInspector:
         runtime = get_runtime(
             resolve_model_dir(self.model_config.model, self.model_config.revision), self.model_config.dtype
         )
+        # blocking work (ViT, selector, JPEG encoding) off the event loop
         selection = await asyncio.to_thread(_select, runtime, frames, question_ids, options)
 
         grid, steps, kept = describe_selection(
