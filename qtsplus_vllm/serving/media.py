@@ -52,7 +52,7 @@ class LimitedVideoMediaIO(VideoMediaIO):
     def load_base64(self, media_type: str, data: str):
         encoded_limit = 4 * ((self.get_max_bytes() + 2) // 3)
         if len(data) > encoded_limit:
-            _raise(LimitExceeded, "the video's size in bytes", len(data) * 3 // 4)
+            _over_byte_limit("the video's size in bytes", len(data) * 3 // 4)
         if media_type.lower() == "video/jpeg":  # a comma-separated list of JPEG frames, kept as sent
             frames = data.count(",") + 1
             limits = server_limits()
@@ -68,13 +68,15 @@ class LimitedVideoMediaIO(VideoMediaIO):
         if filepath.is_file():
             size = filepath.stat().st_size
             if size > self.get_max_bytes():
-                _raise(LimitExceeded, "the video file's size in bytes", size)
+                _over_byte_limit("the video file's size in bytes", size)
         return super().load_file(filepath)
 
 
-def _raise(cls, what: str, value: int):
+def _over_byte_limit(what: str, value: int):
     limits = server_limits()
-    raise as_http_error(cls(what, value, limits.max_video_bytes, limits.variable("max_video_bytes")))
+    raise as_http_error(
+        LimitExceeded(what, value, limits.max_video_bytes, limits.variable("max_video_bytes"))
+    )
 
 
 def _describe(url: str) -> str:
