@@ -36,12 +36,8 @@ from fastapi.responses import HTMLResponse
 from PIL import Image
 from pydantic import BaseModel, model_validator
 
-from ..limits import LimitExceeded, server_limits
-from ..options import parse_options
-from ..question import extract_question_ids
 from ..runtime import VideoSelection, get_runtime, resolve_model_dir
-from .errors import as_http_error
-from .processor import _as_frames, _select
+from .processor import _as_frames, _select, selection_inputs
 
 ROUTE = "/v1/qtsplus/selection"
 PAGE_ROUTE = "/qtsplus"
@@ -250,14 +246,10 @@ class SelectionInspector:
         render_ms = (time.perf_counter() - started) * 1e3
 
         # the processor's steps (QTSplusMultiModalProcessor.apply, then _apply_hf_processor_main)
-        mm_config = self.model_config.multimodal_config
-        options = parse_options(mm_config.merge_mm_processor_kwargs(body.mm_processor_kwargs or {}))
         tokenizer = self.online_renderer.renderer.get_tokenizer()
-        question_ids = extract_question_ids(prompt_ids, tokenizer)
-        try:
-            server_limits().check_question_tokens(len(question_ids))
-        except LimitExceeded as err:
-            raise as_http_error(err) from err
+        question_ids, options = selection_inputs(
+            prompt_ids, tokenizer, self.model_config.multimodal_config, body.mm_processor_kwargs or {}
+        )
         runtime = get_runtime(
             resolve_model_dir(self.model_config.model, self.model_config.revision), self.model_config.dtype
         )

@@ -156,6 +156,19 @@ def _select(runtime, frames: np.ndarray, question_ids: list[int], options: Selec
         raise as_http_error(unavailable) from err
 
 
+def selection_inputs(
+    prompt_ids: list[int], tokenizer, mm_config, request_kwargs: Mapping[str, object]
+) -> tuple[list[int], SelectionOptions]:
+    """A request's query ids and effective settings (server defaults + its kwargs), checked before any ViT work."""
+    options = parse_options(mm_config.merge_mm_processor_kwargs(dict(request_kwargs)))
+    question_ids = extract_question_ids(prompt_ids, tokenizer)
+    try:
+        server_limits().check_question_tokens(len(question_ids))
+    except LimitExceeded as err:
+        raise as_http_error(err) from err
+    return question_ids, options
+
+
 def _report(modality: str, result, cache_stats: dict[str, int]) -> None:
     """One log line and the Prometheus metrics for one video or image."""
     observe_selection(result, cache_stats)
@@ -186,13 +199,9 @@ class QTSplusMultiModalProcessor(BaseMultiModalProcessor[QTSplusProcessingInfo])
         items = [inputs.mm_data_items.get(modality) for modality in MAX_ITEMS]
         if any(isinstance(item, ImageProcessorItems | VideoProcessorItems) for item in items):
             request_kwargs = {k: v for k, v in inputs.hf_processor_mm_kwargs.items() if k != SELECTION_KEY}
-            merged = self.info.ctx.get_mm_config().merge_mm_processor_kwargs(request_kwargs)
-            options = parse_options(merged)
-            question_ids = extract_question_ids(inputs.prompt, self.info.get_tokenizer())
-            try:  # before any ViT work
-                server_limits().check_question_tokens(len(question_ids))
-            except LimitExceeded as err:
-                raise as_http_error(err) from err
+            question_ids, options = selection_inputs(
+                inputs.prompt, self.info.get_tokenizer(), self.info.ctx.get_mm_config(), request_kwargs
+            )
             inputs = dataclasses.replace(
                 inputs,
                 hf_processor_mm_kwargs={
