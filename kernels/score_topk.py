@@ -17,6 +17,7 @@ paths pick identical indices for identical r.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -231,6 +232,19 @@ def _num_splits(m: int, block_m: int, programs_without_split: int, device: torch
     return max(1, min(want, triton.cdiv(m, block_m)))
 
 
+def launch_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """Make ``device`` current for the Triton launches when it is a CUDA device; else do nothing.
+
+    Triton launches on ``torch.cuda.current_device()`` and that device's current stream, not on the
+    device of the tensors it is given: with the selector on ``cuda:1`` while ``cuda:0`` is current, an
+    unguarded launch runs on the wrong GPU (an illegal address, or garbage). CPU tensors (the
+    interpreter) need no guard.
+    """
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
+
+
 def score_relevance(
     queries: torch.Tensor,
     keys: torch.Tensor,
@@ -240,12 +254,19 @@ def score_relevance(
 ) -> torch.Tensor:
     """Fused relevance r [M] fp32 from queries [H, L, Dh] and keys [Hkv, M, Dh] (any strides).
 
-    ``out``: optional contiguous fp32 [M] buffer to write r into. Runs on CUDA tensors, or on CPU
-    tensors under ``TRITON_INTERPRET=1``.
+    ``out``: optional contiguous fp32 [M] buffer to write r into. Runs on CUDA tensors (on their
+    device, whichever is current), or on CPU tensors under ``TRITON_INTERPRET=1``.
     """
     if triton is None:
         raise RuntimeError("Triton is not installed; use relevance_reference or QTSPLUS_SELECTOR_IMPL=torch")
     _check_inputs(queries, keys)
+    with launch_device(keys.device):
+        return _score_relevance(queries, keys, out, block_m, block_r)
+
+
+def _score_relevance(
+    queries: torch.Tensor, keys: torch.Tensor, out: torch.Tensor | None, block_m: int, block_r: int
+) -> torch.Tensor:
     h, ell, dh = queries.shape
     hkv, m, _ = keys.shape
     group = h // hkv

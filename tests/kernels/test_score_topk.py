@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import types
 import zlib
 
 import pytest
 import torch
 
 from qtsplus_vllm.config import QTSplusConfig
+from qtsplus_vllm.kernels import score_topk
 from qtsplus_vllm.kernels.score_topk import (
     budget_stats,
     relevance_reference,
@@ -120,6 +123,84 @@ def test_launcher_validates_inputs():
         score_relevance(q, k, out=torch.empty(49, device=DEVICE))
     with pytest.raises(ValueError, match=r"n must be in \[1, M=50\]"):
         select_top(torch.rand(50), 0)
+
+
+class ClaimsCuda1(torch.Tensor):
+    """A CPU tensor that reports ``cuda:1`` as its device (what the launcher sees of a tensor there)."""
+
+    @property
+    def device(self):
+        return torch.device("cuda:1")
+
+
+def test_launches_run_with_the_tensors_device_current(monkeypatch):
+    # Triton launches on torch.cuda.current_device(), not on the tensors' device: with the runtime on
+    # cuda:1 and cuda:0 current, both kernels must be launched inside torch.cuda.device(cuda:1).
+    # No GPU needed: the CUDA pieces the launcher touches are replaced by recorders.
+    current: list[torch.device] = []  # stack of devices made current by torch.cuda.device(...)
+    launches: list[tuple[str, torch.device]] = []
+
+    class RecordingDevice:
+        def __init__(self, device):
+            self.device = torch.device(device)
+
+        def __enter__(self):
+            current.append(self.device)
+
+        def __exit__(self, *exc):
+            current.pop()
+
+    def current_device():
+        return current[-1] if current else torch.device("cuda:0")  # cuda:0 is current by default
+
+    class Kernel:
+        def __init__(self, name, fill):
+            self.name, self.fill = name, fill
+
+        def __getitem__(self, grid):
+            def run(*args, **meta):
+                launches.append((self.name, current_device()))
+                self.fill(args)
+
+            return run
+
+    real_empty = torch.empty
+
+    def empty(*size, device=None, **kwargs):  # allocate on CPU what the launcher asks of cuda:1
+        t = real_empty(*size, **kwargs)
+        return t.as_subclass(ClaimsCuda1) if torch.device(device or "cpu").type == "cuda" else t
+
+    def fill_stats(args):  # (Q, K, Max, Sum, ...): a max of 0 and a sum of 1 per row
+        args[2].fill_(0.0)
+        args[3].fill_(1.0)
+
+    monkeypatch.setattr(torch.cuda, "device", RecordingDevice)
+    monkeypatch.setattr(
+        torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(multi_processor_count=4)
+    )
+    monkeypatch.setattr(torch, "empty", empty)
+    monkeypatch.setattr(score_topk, "_row_stats_kernel", Kernel("row_stats", fill_stats))
+    monkeypatch.setattr(score_topk, "_relevance_kernel", Kernel("relevance", lambda args: args[4].fill_(0.5)))
+
+    q = torch.randn(4, 3, 16).as_subclass(ClaimsCuda1)
+    k = torch.randn(2, 50, 16).as_subclass(ClaimsCuda1)
+    assert q.device == k.device == torch.device("cuda:1")
+    r = score_relevance(q, k)
+    assert launches == [("row_stats", torch.device("cuda:1")), ("relevance", torch.device("cuda:1"))]
+    assert current == []  # the previous device is current again afterwards
+    assert r.shape == (50,)
+
+
+def test_cpu_launches_take_no_cuda_device_guard(monkeypatch):
+    # the interpreter path must not touch torch.cuda at all (it would fail on CPU-only builds)
+    def no_cuda(device):
+        raise AssertionError(f"torch.cuda.device({device}) entered for CPU tensors")
+
+    monkeypatch.setattr(torch.cuda, "device", no_cuda)
+    assert isinstance(score_topk.launch_device(torch.device("cpu")), contextlib.nullcontext)
+    if DEVICE == "cpu":
+        q, k = fresh_inputs("cpu-guard", 4, 2, 3, 70, 16, torch.float32)
+        torch.testing.assert_close(score_relevance(q, k), relevance_reference(q, k), rtol=1e-5, atol=1e-6)
 
 
 def _selector(seed=0):
