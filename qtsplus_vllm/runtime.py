@@ -36,6 +36,7 @@ import torch
 from .checkpoint import CheckpointReader, load_config, validate_checkpoint
 from .config import SELECTOR_PREFIX
 from .feature_cache import CachedFeatures, FeatureCache, frames_digest
+from .limits import SelectionUnavailable
 from .options import SelectionOptions
 from .selector import QTSplusSelector
 from .video import preprocess_frames
@@ -86,19 +87,153 @@ def torch_threads(count: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+# What the selection runtime reads from a checkpoint (safetensors or torch.save weights).
+CHECKPOINT_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.jinja"]
+_RESOLVED: dict[tuple[str, str | None], Path] = {}
+_RESOLVE_LOCK = threading.Lock()
+
+
 def resolve_model_dir(model: str, revision: str | None = None) -> Path:
     """A local directory for ``model``: the path itself, or the Hugging Face cache snapshot of a repo id.
 
-    vLLM has already fetched the repository's weights for the engine by the time a request arrives,
-    so for a repo id this normally resolves from the local cache.
+    Resolved once per process and remembered: later calls never ask the Hub again, so a request
+    costs no network round trip and a moving ``main`` cannot swap the weights under a running
+    server. The local cache is tried first (no network: vLLM's engine has fetched this snapshot
+    for the LM before the first request arrives, and ``HF_HUB_OFFLINE=1`` works); only a snapshot
+    missing from the cache is downloaded, once.
     """
     if os.path.isdir(model):
         return Path(model)
-    from huggingface_hub import snapshot_download
+    key = (model, revision)
+    with _RESOLVE_LOCK:
+        if key not in _RESOLVED:
+            from huggingface_hub import snapshot_download
+            from huggingface_hub.errors import LocalEntryNotFoundError
 
-    return Path(
-        snapshot_download(model, revision=revision, allow_patterns=["*.json", "*.safetensors", "*.jinja"])
+            try:
+                path = snapshot_download(
+                    model, revision=revision, allow_patterns=CHECKPOINT_PATTERNS, local_files_only=True
+                )
+            except LocalEntryNotFoundError:
+                path = snapshot_download(model, revision=revision, allow_patterns=CHECKPOINT_PATTERNS)
+            _RESOLVED[key] = Path(path)
+        return _RESOLVED[key]
+
+
+def trust_client_uuids() -> bool:
+    """``QTSPLUS_TRUST_CLIENT_UUIDS``: whether a client's media ``uuid`` may stand for the media.
+
+    Off (the default), every item that carries data is keyed by its content and a request that
+    names media by uuid alone is refused; on, vLLM's own rule applies (the uuid is the item's
+    identity in every cache) — only for deployments whose clients are all trusted.
+    """
+    raw = os.environ.get("QTSPLUS_TRUST_CLIENT_UUIDS", "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise ValueError(f"QTSPLUS_TRUST_CLIENT_UUIDS must be 0 or 1, got {raw!r}")
+
+
+def runtime_retry_seconds() -> float:
+    """``QTSPLUS_RUNTIME_RETRY_SECONDS`` (default 30): how long a failed runtime load is not retried."""
+    raw = os.environ.get("QTSPLUS_RUNTIME_RETRY_SECONDS", "").strip()
+    try:
+        value = float(raw) if raw else 30.0
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise ValueError(f"QTSPLUS_RUNTIME_RETRY_SECONDS must be a non-negative number, got {raw!r}")
+    return value
+
+
+def check_server_settings(model: str | None = None) -> None:
+    """Refuse bad ``QTSPLUS_*`` values (and a broken local checkpoint) when the server starts.
+
+    Raises ``ValueError`` naming the variable; ``CheckpointError`` for missing or misshapen ViT or
+    selector tensors of a local checkpoint directory. Reads headers only: no weights, no CUDA.
+    """
+    from .limits import Limits
+
+    Limits.from_env()
+    cpu_threads()
+    feature_cache_settings()
+    trust_client_uuids()
+    runtime_retry_seconds()
+    name = os.environ.get("QTSPLUS_DEVICE", "").strip()
+    if name:
+        try:
+            device = torch.device(name)
+        except RuntimeError as err:
+            raise ValueError(f"QTSPLUS_DEVICE={name!r} is not a torch device: {err}") from None
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"QTSPLUS_DEVICE={name!r}: the selection runs on cpu or cuda[:N]")
+    if model is not None and os.path.isdir(model):
+        validate_checkpoint(load_config(model), CheckpointReader(model))
+
+
+def out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is an allocation failure (CUDA or host)."""
+    if isinstance(err, torch.OutOfMemoryError | MemoryError):
+        return True
+    # the CPU allocator reports a failed allocation as a plain RuntimeError
+    return isinstance(err, RuntimeError) and "allocate" in str(err) and "memory" in str(err)
+
+
+def release_device_memory(device: torch.device) -> None:
+    """Give cached allocator blocks back after a failure (call it once the exception is gone)."""
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# CUDA errors after which the process's CUDA context is unusable (every later call fails too).
+_STICKY_CUDA_ERRORS = (
+    "illegal memory access",
+    "illegal instruction",
+    "misaligned address",
+    "device-side assert",
+    "unspecified launch failure",
+    "ECC error",
+    "hardware stack error",
+    "uncorrectable",
+)
+_DEVICE_FAILURE: str | None = None
+
+
+def sticky_device_error(err: BaseException) -> bool:
+    """Whether ``err`` is a CUDA error that leaves the device unusable for this process."""
+    text = str(err)
+    accelerator_error = getattr(torch, "AcceleratorError", ())
+    cuda_error = isinstance(err, accelerator_error) or "CUDA error" in text
+    return cuda_error and any(marker.lower() in text.lower() for marker in _STICKY_CUDA_ERRORS)
+
+
+def report_device_failure(runtime: SelectionRuntime, err: BaseException) -> SelectionUnavailable | None:
+    """Handle a runtime failure that is not the request's fault; None if ``err`` is not one.
+
+    A sticky CUDA error poisons this process's CUDA context: the runtime is dropped and the server
+    reports itself unhealthy (:func:`device_failure` -> ``/health`` 503) so an orchestrator restarts
+    it; until then every selection answers 503.
+    """
+    global _DEVICE_FAILURE
+    if not sticky_device_error(err):
+        return None
+    with _RUNTIMES_LOCK:
+        _DEVICE_FAILURE = f"{runtime.device}: {err}"
+        for key, value in list(_RUNTIMES.items()):
+            if value is runtime:
+                del _RUNTIMES[key]
+    return SelectionUnavailable(
+        f"the selection device failed ({str(err).splitlines()[0]}); this server must be restarted"
     )
+
+
+def device_failure() -> str | None:
+    """Why this process's selection runtime cannot run any more, or None while it is healthy."""
+    return _DEVICE_FAILURE
 
 
 @dataclass
@@ -225,16 +360,48 @@ class SelectionRuntime:
 
 _RUNTIMES: dict[tuple[str, str, torch.dtype], SelectionRuntime] = {}
 _RUNTIMES_LOCK = threading.Lock()
+# (checkpoint, device, dtype) -> (monotonic time of the failed load, the reason)
+_FAILED_LOADS: dict[tuple[str, str, torch.dtype], tuple[float, str]] = {}
 
 
 def get_runtime(
-    model_dir: str | os.PathLike, dtype: torch.dtype, device: torch.device | None = None
+    model: str | os.PathLike,
+    dtype: torch.dtype,
+    device: torch.device | None = None,
+    revision: str | None = None,
 ) -> SelectionRuntime:
-    """The process-global runtime for this checkpoint, device and dtype (loaded on first use)."""
+    """The process-global runtime for this checkpoint (a directory or a Hub repo id), device and dtype.
+
+    Loaded on first use. A load that fails for lack of memory, or for a device failure, raises
+    :class:`SelectionUnavailable` (HTTP 503); the failure is remembered for
+    ``QTSPLUS_RUNTIME_RETRY_SECONDS`` so that a stream of requests does not reload the checkpoint
+    once each.
+    """
+    if _DEVICE_FAILURE is not None:
+        raise SelectionUnavailable(
+            f"the selection device failed earlier ({_DEVICE_FAILURE.splitlines()[0]}); "
+            "this server must be restarted"
+        )
+    model_dir = resolve_model_dir(str(model), revision)
     device = device or default_device()
     key = (str(Path(model_dir).resolve()), str(device), dtype)
     with _RUNTIMES_LOCK:
         runtime = _RUNTIMES.get(key)
-        if runtime is None:
+        if runtime is not None:
+            return runtime
+        failed = _FAILED_LOADS.get(key)
+        if failed is not None and time.monotonic() - failed[0] < runtime_retry_seconds():
+            raise SelectionUnavailable(f"the selection runtime could not be loaded: {failed[1]}; retry later")
+        reason = None
+        try:
             runtime = _RUNTIMES[key] = SelectionRuntime(model_dir, dtype, device)
-        return runtime
+            _FAILED_LOADS.pop(key, None)
+            return runtime
+        except (RuntimeError, MemoryError) as err:
+            if not (out_of_memory(err) or sticky_device_error(err)):
+                raise
+            reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            _FAILED_LOADS[key] = (time.monotonic(), reason)
+    # the failed load's tensors are unreachable once the exception is gone
+    release_device_memory(device)
+    raise SelectionUnavailable(f"the selection runtime could not be loaded: {reason}; retry later")

@@ -36,7 +36,7 @@ from fastapi.responses import HTMLResponse
 from PIL import Image
 from pydantic import BaseModel, model_validator
 
-from ..runtime import VideoSelection, get_runtime, resolve_model_dir
+from ..runtime import VideoSelection, get_runtime
 from .processor import _as_frames, _select, selection_inputs
 
 ROUTE = "/v1/qtsplus/selection"
@@ -114,9 +114,7 @@ class SelectionResponse(BaseModel):
     grid: Grid
     frames: list[StepSummary]  # one per temporal step; kept_tokens sum to n
     kept: list[KeptToken]  # ascending token position
-    timings_ms: dict[str, float]
-    cache_hit: bool
-    feature_cache: dict[str, int]
+    timings_ms: dict[str, float]  # render (fetch, decode, template) and selection, end to end
 
 
 def describe_selection(
@@ -240,21 +238,29 @@ class SelectionInspector:
             raise ValueError(f"video_index={body.video_index}, but the request has {len(videos)} video(s)")
         return tokens["prompt_token_ids"], *_unpack_video(videos[body.video_index])
 
-    async def inspect(self, body: SelectionRequest) -> SelectionResponse:
-        started = time.perf_counter()
-        prompt_ids, frames, metadata = await self._render(body)
-        render_ms = (time.perf_counter() - started) * 1e3
+    def _select(self, prompt_ids: list[int], frames: np.ndarray, body: SelectionRequest):
+        """The processor's steps (``QTSplusMultiModalProcessor.apply``, then ``_apply_hf_processor_main``).
 
-        # the processor's steps (QTSplusMultiModalProcessor.apply, then _apply_hf_processor_main)
+        Blocking (tokenizer, loading the runtime on first use, ViT, selector): run off the event loop.
+        """
         tokenizer = self.online_renderer.renderer.get_tokenizer()
         question_ids, options = selection_inputs(
             prompt_ids, tokenizer, self.model_config.multimodal_config, body.mm_processor_kwargs or {}
         )
         runtime = get_runtime(
-            resolve_model_dir(self.model_config.model, self.model_config.revision), self.model_config.dtype
+            self.model_config.model, self.model_config.dtype, revision=self.model_config.revision
         )
-        # blocking work (ViT, selector, JPEG encoding) off the event loop
-        selection = await asyncio.to_thread(_select, runtime, frames, question_ids, options)
+        selection = _select(runtime, frames, question_ids, options)
+        return tokenizer.decode(question_ids), selection
+
+    async def inspect(self, body: SelectionRequest) -> SelectionResponse:
+        started = time.perf_counter()
+        prompt_ids, frames, metadata = await self._render(body)
+        render_ms = (time.perf_counter() - started) * 1e3
+
+        clock = time.perf_counter()
+        question, selection = await asyncio.to_thread(self._select, prompt_ids, frames, body)
+        selection_ms = (time.perf_counter() - clock) * 1e3
 
         grid, steps, kept = describe_selection(
             selection, metadata.get("frames_indices", []), metadata.get("fps")
@@ -266,11 +272,14 @@ class SelectionInspector:
             )
             for step, picture in zip(wanted, pictures, strict=True):
                 step.thumbnail = picture
-        timings = {"render_ms": render_ms, **selection.timings_ms}
+        # No per-stage timings and no cache state: whether the ViT ran says whether anyone else
+        # recently sent this video, which is not this caller's business (the server's log and
+        # metrics have both).
+        timings = {"render_ms": render_ms, "selection_ms": selection_ms}
         timings["total_ms"] = (time.perf_counter() - started) * 1e3
         return SelectionResponse(
             model=body.model or self.models.model_name(),
-            question=tokenizer.decode(question_ids),
+            question=question,
             M=selection.num_visual_tokens,
             n=selection.n,
             rho=selection.rho,
@@ -280,8 +289,6 @@ class SelectionInspector:
             frames=steps,
             kept=kept,
             timings_ms=timings,
-            cache_hit=selection.cache_hit,
-            feature_cache=runtime.feature_cache.stats(),
         )
 
 

@@ -1,7 +1,7 @@
 """Prometheus metrics of the selection, exported on vLLM's ``/metrics`` (API-server process).
 
 vLLM serves ``prometheus_client``'s registry (multiprocess-aware when it runs several API
-servers), so metrics created here appear next to vLLM's own. Created on first use, once per process.
+servers), so metrics created here appear next to vLLM's own. Created on first use, once per process (thread-safe).
 
 - ``qtsplus_kept_ratio``: n / M per video (histogram);
 - ``qtsplus_visual_tokens`` (M) and ``qtsplus_selected_tokens`` (n) per video (histograms);
@@ -15,7 +15,7 @@ servers), so metrics created here appear next to vLLM's own. Created on first us
 
 from __future__ import annotations
 
-import functools
+import threading
 from types import SimpleNamespace
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -24,8 +24,25 @@ _TOKENS = (16, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 1
 _SECONDS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
-@functools.cache
+_METRICS: SimpleNamespace | None = None
+_LOCK = threading.Lock()
+
+
 def metrics() -> SimpleNamespace:
+    """The process's metrics, created once even when two threads ask first at the same moment.
+
+    prometheus_client refuses a second metric of one name ("Duplicated timeseries"), and vLLM's
+    processing thread and the media or endpoint threads can both be first here.
+    """
+    global _METRICS
+    if _METRICS is None:
+        with _LOCK:
+            if _METRICS is None:
+                _METRICS = _create()
+    return _METRICS
+
+
+def _create() -> SimpleNamespace:
     return SimpleNamespace(
         kept_ratio=Histogram(
             "qtsplus_kept_ratio",

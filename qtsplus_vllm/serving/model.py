@@ -23,6 +23,7 @@ from vllm.model_executor.models.utils import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
+from ..checkpoint import validate_checkpoint
 from ..config import PROJECTOR_KEY, VISION_PREFIX
 from .processor import (
     PASSTHROUGH_FIELDS,
@@ -35,6 +36,20 @@ from .processor import (
 
 # Tensors the processor's runtime owns; the engine never loads them.
 _PROCESSOR_ONLY = (VISION_PREFIX, "model.qts_plus.", PROJECTOR_KEY)
+
+
+class _StreamedShapes:
+    """The shapes of the tensors that streamed past ``load_weights``, readable like a checkpoint's."""
+
+    def __init__(self) -> None:
+        self.all: dict[str, list[int]] = {}
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.all
+
+    def shapes(self, prefix: str = "", strip: bool = True) -> dict[str, list[int]]:
+        cut = len(prefix) if strip else 0
+        return {k[cut:]: v for k, v in self.all.items() if k.startswith(prefix)}
 
 
 def _rows(value: object) -> list[torch.Tensor]:
@@ -111,5 +126,20 @@ class QTSplusQwen2_5_VLForCausalLM(nn.Module, SupportsMultiModal, SupportsMRoPE,
         return self.language_model.compute_logits(hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        lm_weights = ((name, w) for name, w in weights if not name.startswith(_PROCESSOR_ONLY))
-        return AutoWeightsLoader(self).load_weights(lm_weights, mapper=self.hf_to_vllm_mapper)
+        """Load the LM; check (by shape, at start-up) the ViT and selector tensors the API server will load.
+
+        The engine reads every tensor of the checkpoint anyway: a missing or misshapen vision or
+        selector tensor stops the server here instead of failing each request later.
+        """
+        processor_only = _StreamedShapes()
+
+        def lm_weights():
+            for name, weight in weights:
+                if name.startswith(_PROCESSOR_ONLY):
+                    processor_only.all[name] = list(weight.shape)
+                else:
+                    yield name, weight
+
+        loaded = AutoWeightsLoader(self).load_weights(lm_weights(), mapper=self.hf_to_vllm_mapper)
+        validate_checkpoint(self.config, processor_only)
+        return loaded

@@ -47,9 +47,17 @@ from ..config import QTSplusConfig
 from ..limits import LimitExceeded, RequestError, SelectionUnavailable, server_limits
 from ..options import SelectionOptions, parse_options
 from ..question import extract_question_ids
-from ..runtime import get_runtime, resolve_model_dir
+from ..runtime import (
+    check_server_settings,
+    get_runtime,
+    out_of_memory,
+    release_device_memory,
+    report_device_failure,
+    trust_client_uuids,
+)
 from ..video import vit_patch_count
 from .errors import as_http_error
+from .health import install_health_check
 from .metrics import observe_selection
 
 # Under vLLM's logger tree, so the line shows with vLLM's own log configuration.
@@ -128,15 +136,14 @@ def _as_frames(video: object, modality: str = "video") -> np.ndarray:
     return frames.astype(np.uint8, copy=False)
 
 
-def _out_of_memory(err: BaseException) -> bool:
-    if isinstance(err, torch.OutOfMemoryError | MemoryError):
-        return True
-    # the CPU allocator reports a failed allocation as a plain RuntimeError
-    return isinstance(err, RuntimeError) and "allocate" in str(err) and "memory" in str(err)
-
-
 def _select(runtime, frames: np.ndarray, question_ids: list[int], options: SelectionOptions):
-    """``runtime.select`` behind the limits, with failures turned into per-request HTTP errors."""
+    """``runtime.select`` behind the limits, with failures turned into per-request HTTP errors.
+
+    Out of memory -> 503 for this request; the memory is released after the exception (and the
+    traceback that holds its tensors) is gone. A CUDA error that poisons the device -> 503, and the
+    runtime is reported unhealthy (``/health`` answers 503) so an orchestrator replaces the server.
+    """
+    oom = None
     try:
         t, h, w = frames.shape[:3]
         server_limits().check_vit_patches(vit_patch_count(t, h, w, options.preprocess_config()))
@@ -144,16 +151,20 @@ def _select(runtime, frames: np.ndarray, question_ids: list[int], options: Selec
     except RequestError as err:
         raise as_http_error(err) from err
     except (RuntimeError, MemoryError) as err:
-        if not _out_of_memory(err):
-            raise
-        if runtime.device.type == "cuda":
-            torch.cuda.empty_cache()
-        logger.warning("QTSplus selection ran out of memory on a %s video: %s", list(frames.shape), err)
-        unavailable = SelectionUnavailable(
-            f"the selection runtime ran out of memory on this video (frames {list(frames.shape)}); "
-            "retry later, or lower max_pixels, fps or max_frames"
-        )
-        raise as_http_error(unavailable) from err
+        if not out_of_memory(err):
+            failure = report_device_failure(runtime, err)
+            if failure is None:
+                raise
+            raise as_http_error(failure) from None
+        oom = str(err)
+    # outside the except block: the traceback, and with it the frames of the failed call, is gone
+    release_device_memory(runtime.device)
+    logger.warning("QTSplus selection ran out of memory on a %s video: %s", list(frames.shape), oom)
+    unavailable = SelectionUnavailable(
+        f"the selection runtime ran out of memory on this video (frames {list(frames.shape)}); "
+        "retry later, or lower max_pixels, fps or max_frames"
+    )
+    raise as_http_error(unavailable)
 
 
 def selection_inputs(
@@ -188,14 +199,54 @@ def _report(modality: str, result, cache_stats: dict[str, int]) -> None:
     )
 
 
+def content_keyed_uuids(
+    mm_items: MultiModalDataItems, mm_uuids: Mapping[str, Sequence[str | None]] | None
+) -> dict[str, list[str | None]] | None:
+    """The client's item uuids with every item that carries data keyed by its content instead.
+
+    vLLM takes a client-supplied ``uuid`` as the item's identity in the processor cache, the encoder
+    cache and prefix caching, in place of the media: a second client sending other media under the
+    same uuid would get the first client's selection and KV. So an item that carries data (a video,
+    an image, embeddings) loses its uuid and vLLM hashes its content; an item sent by uuid alone
+    (no data) keeps it, and :meth:`QTSplusMultiModalProcessor.apply` refuses it unless the operator
+    trusts client uuids (``QTSPLUS_TRUST_CLIENT_UUIDS=1``).
+    """
+    if not mm_uuids:
+        return None if mm_uuids is None else {}
+    keyed: dict[str, list[str | None]] = {}
+    for modality, uuids in mm_uuids.items():
+        items = mm_items.get(modality)
+        data = [None] * len(uuids) if items is None else items.get_all_items_for_hash()
+        keyed[modality] = [None if item is not None else uuid for uuid, item in zip(uuids, data, strict=True)]
+    return keyed
+
+
+def _uuid_only_items(mm_uuids: Mapping[str, Sequence[str | None]]) -> list[str]:
+    return [f"{modality}[{i}]" for modality, uuids in mm_uuids.items() for i, u in enumerate(uuids) if u]
+
+
 class QTSplusMultiModalProcessor(BaseMultiModalProcessor[QTSplusProcessingInfo]):
     def __init__(self, info: QTSplusProcessingInfo, dummy_inputs: QTSplusDummyInputsBuilder) -> None:
         super().__init__(info, dummy_inputs)
-        # Server defaults (--mm-processor-kwargs) are checked when the server starts, not per request.
+        # Server settings are checked when the server starts, not per request: the defaults given as
+        # --mm-processor-kwargs, every QTSPLUS_* variable and, for a local checkpoint, its ViT and
+        # selector tensors (a Hub checkpoint is checked by the engine when it loads the weights).
         parse_options(info.ctx.get_mm_config().mm_processor_kwargs or {})
+        check_server_settings(info.ctx.model_config.model)
+        install_health_check()
 
     def apply(self, inputs: ProcessorInputs, timing_ctx):
-        """Put the question and the effective settings into the (hashed) processor kwargs."""
+        """Key items by content, and put the question and the effective settings into the (hashed) kwargs."""
+        if not trust_client_uuids():
+            uuids = content_keyed_uuids(inputs.mm_data_items, inputs.mm_uuid_items)
+            if uuids and (unresolved := _uuid_only_items(uuids)):
+                raise as_http_error(
+                    RequestError(
+                        f"{', '.join(unresolved)} carries a uuid but no data: this server does not reuse "
+                        "media by client uuid (QTSPLUS_TRUST_CLIENT_UUIDS is off); send the media"
+                    )
+                )
+            inputs = dataclasses.replace(inputs, mm_uuid_items=uuids)
         items = [inputs.mm_data_items.get(modality) for modality in MAX_ITEMS]
         if any(isinstance(item, ImageProcessorItems | VideoProcessorItems) for item in items):
             request_kwargs = {k: v for k, v in inputs.hf_processor_mm_kwargs.items() if k != SELECTION_KEY}
@@ -213,7 +264,7 @@ class QTSplusMultiModalProcessor(BaseMultiModalProcessor[QTSplusProcessingInfo])
 
     def _runtime(self):
         model_config = self.info.ctx.model_config
-        return get_runtime(resolve_model_dir(model_config.model, model_config.revision), model_config.dtype)
+        return get_runtime(model_config.model, model_config.dtype, revision=model_config.revision)
 
     def _apply_hf_processor_main(
         self, mm_items: MultiModalDataItems, hf_kwargs: Mapping[str, object]

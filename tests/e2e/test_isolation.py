@@ -3,7 +3,12 @@
 4 videos × 4 questions, fp32, greedy. Each (video, question) is first served alone; then 32
 requests (every pair twice, shuffled) arrive at once, and every answer must equal the lone one
 token for token — with prefix caching on and off (one server each). Nothing may leak through
-vLLM's processor cache, encoder cache or prefix cache, or through our runtime.
+vLLM's encoder cache or prefix cache, or through our runtime.
+
+vLLM's processor cache is off on both servers (``--mm-processor-cache-gb 0``): with it, repeated
+requests would be answered from it without running the selection at all. So every request here
+runs the selection runtime — the metrics prove it — and on the server without prefix caching the
+ViT-feature cache is off too, so every request also runs the ViT.
 
 The soak (prefix caching on) sends ``QTSPLUS_SOAK_REQUESTS`` (default 240) requests, half of them
 invalid in assorted ways, 8 at a time: every valid answer must be right, every invalid one a 4xx,
@@ -53,10 +58,22 @@ def server(request, assets, vllm_cache_root):
         "--dtype", "float32",
         "--allowed-local-media-path", str(root),
         "--trust-request-mm-kwargs",
+        "--mm-processor-cache-gb", "0",
     ]  # fmt: skip
-    with RemoteServer(model, args, cache_root=vllm_cache_root) as remote:
+    env = {} if request.param else {"QTSPLUS_FEATURE_CACHE_BYTES": "0"}
+    with RemoteServer(model, args, env=env, cache_root=vllm_cache_root) as remote:
         remote.prefix_caching = request.param
         yield remote
+
+
+def runtime_counts(http) -> tuple[float, float]:
+    """(selector runs, ViT runs) so far, from the server's /metrics."""
+    counts = {"qtsplus_selector_seconds_count": 0.0, "qtsplus_vit_seconds_count": 0.0}
+    for line in http.get(http.base_url.join("/metrics")).text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in counts:
+            counts[name] = float(value)
+    return counts["qtsplus_selector_seconds_count"], counts["qtsplus_vit_seconds_count"]
 
 
 @pytest.fixture(scope="module")
@@ -100,8 +117,9 @@ def alone(http, assets):
     }
 
 
-def test_32_concurrent_requests_equal_their_lone_answers(http, assets, alone):
+def test_32_concurrent_requests_equal_their_lone_answers(http, server, assets, alone):
     pairs = list(alone) * 2
+    selector_before, vit_before = runtime_counts(http)
     random.Random(0).shuffle(pairs)
 
     def send(pair):
@@ -115,6 +133,10 @@ def test_32_concurrent_requests_equal_their_lone_answers(http, assets, alone):
     assert len(results) == 32
     for pair, response in results:
         assert outcome(response) == alone[pair], f"video {pair[0]}, question {pair[1]}"
+    selector_after, vit_after = runtime_counts(http)
+    assert selector_after - selector_before == 32  # no answer came from a cache of vLLM's
+    if not server.prefix_caching:  # feature cache off: the ViT ran for every request too
+        assert vit_after - vit_before == 32
     # the selection depends on the question: the same video gets different prompts
     assert len({tuple(alone[(0, q)][0]) for q in range(len(QUESTIONS))}) > 1
 
@@ -187,6 +209,7 @@ def test_soak_mixed_valid_and_invalid(http, server, assets, alone):
             return list(pool.map(send, items))
 
     half = len(plan) // 2
+    selector_before, _ = runtime_counts(http)
     before = _rss(server.pid)
     first = run(plan[:half])
     middle = _rss(server.pid)
@@ -200,6 +223,8 @@ def test_soak_mixed_valid_and_invalid(http, server, assets, alone):
             assert 400 <= response.status_code < 500, (key, response.status_code, response.text[:300])
             assert response.json()["error"]["message"]
     assert http.get(server.url_for("health")).status_code == 200
+    valid = sum(kind == "valid" for kind, _ in plan)
+    assert runtime_counts(http)[0] - selector_before == valid  # every valid request ran the selection
     growth = after - middle
     print(
         f"soak RSS MiB: before {before / 2**20:.0f}, middle {middle / 2**20:.0f}, after {after / 2**20:.0f}"

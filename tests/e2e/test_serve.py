@@ -250,5 +250,41 @@ def test_metrics_report_the_selection_and_the_feature_cache(server, assets, clie
             values[name] = float(value)
     assert values["qtsplus_kept_ratio_count"] > 0 and values["qtsplus_visual_tokens_count"] > 0
     assert values["qtsplus_vit_seconds_count"] > 0 and values["qtsplus_selector_seconds_count"] > 0
-    assert values["qtsplus_feature_cache_hits_total"] >= 1 and values["qtsplus_feature_cache_misses_total"] >= 1
+    assert (
+        values["qtsplus_feature_cache_hits_total"] >= 1 and values["qtsplus_feature_cache_misses_total"] >= 1
+    )
     assert values["qtsplus_feature_cache_bytes"] > 0 and values["qtsplus_feature_cache_entries"] >= 1
+
+
+def _uuid_chat(client, video, uuid: str, question: str, max_tokens: int = MAX_TOKENS):
+    part = {"type": "video_url", "video_url": {"url": f"file://{video}"} if video else {}, "uuid": uuid}
+    return client.chat.completions.create(
+        model=client.models.list().data[0].id,
+        messages=[{"role": "user", "content": [part, {"type": "text", "text": question}]}],
+        temperature=0,
+        max_tokens=max_tokens,
+        extra_body={"return_token_ids": True},
+    )
+
+
+def test_a_client_uuid_cannot_stand_for_another_clients_video(assets, client, oracle):
+    """Two tenants, one uuid, two videos, one question: each gets the answer for its own video.
+
+    vLLM keys its processor cache, encoder cache and prefix caching by a client's ``uuid`` in place
+    of the media; the plugin keys every item that carries data by its content.
+    """
+    x, y = assets[2]
+    question = "Is anything red?"
+    first = _uuid_chat(client, x, "tenant-shared-1", question)
+    second = _uuid_chat(client, y, "tenant-shared-1", question)
+    for video, response in ((x, first), (y, second)):
+        expected = oracle.answer(video, question, max_new_tokens=MAX_TOKENS)
+        assert response.prompt_token_ids == expected.prompt_ids
+        assert response.choices[0].token_ids == expected.token_ids
+    assert first.prompt_token_ids != second.prompt_token_ids
+
+
+def test_media_by_uuid_alone_is_refused(assets, client):
+    with pytest.raises(openai.BadRequestError, match="QTSPLUS_TRUST_CLIENT_UUIDS"):
+        _uuid_chat(client, None, "tenant-shared-1", "Is anything red?", max_tokens=1)
+    assert chat(client, assets[2][0], ["Hi"], max_tokens=1).choices[0].token_ids
