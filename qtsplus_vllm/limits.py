@@ -12,22 +12,35 @@ QTSPLUS_MAX_VIDEO_BYTES        encoded video size: data URLs before base64      
                                downloads while they stream
 QTSPLUS_MAX_VIDEO_SECONDS      duration from the container header, before decoding  7200 (2 h)
 QTSPLUS_MAX_SOURCE_FRAMES      frames the decoder walks through (all of them are    432000
-                               decoded; sampling keeps few), from the header        (2 h at 60 fps)
+                               decoded; sampling keeps few), from the header, and   (2 h at 60 fps)
+                               counted while demuxing and decoding (a header that
+                               understates the count stops the decoder at the limit)
 QTSPLUS_MAX_FRAMES             frames kept per video (``max_frames`` may not        768
-                               exceed it)
-QTSPLUS_MAX_FRAME_PIXELS       width × height of the source frames, from the        16777216
-                               header, before decoding                              (4096²)
+                               exceed it); at least 2 (one temporal patch)
+QTSPLUS_MAX_FRAME_PIXELS       width × height of the source frames (and of every    16777216
+                               ``data:video/jpeg`` frame), from the header, before   (4096²)
+                               decoding
 QTSPLUS_DECODE_MAX_PIXELS      frames larger than this are scaled down while they   2408448
                                are decoded, before the exact resize (bounds the     (4 × 768 · 28²)
-                               API server's memory for the kept frames)
-QTSPLUS_MAX_VIT_PATCHES        ViT patches of one video after resizing (memory of   327680
+                               API server's memory for the kept frames; JPEG
+                               frames of a ``data:video/jpeg`` list too)
+QTSPLUS_MAX_VIT_PATCHES        ViT patches of one video after resizing (memory of   396288
                                the selection runtime), before preprocessing
 QTSPLUS_MAX_QUESTION_TOKENS    tokens of the question given to the selector         512
 =============================  ===================================================  ==============
 
 A request over a limit gets HTTP 413 with a message that names the limit, the value and the
-variable; an invalid setting gets 400. The defaults admit every video the reference settings
-produce (fps 1, at most 768 frames of at most 360×420 pixels: 299,520 patches).
+variable. A value that is not a positive number, or a ``QTSPLUS_MAX_FRAMES`` under 2, raises
+``ValueError`` in :meth:`Limits.from_env` (the server should refuse to start with it).
+
+The defaults admit every video the reference settings produce (fps 1, at most 768 frames,
+max_pixels 360×420, min_pixels 128·28², any aspect ratio up to qwen-vl-utils' 200:1):
+:data:`REFERENCE_WORST_CASE_VIT_PATCHES` = 396,288 patches. Aspect ratios up to 32:1 need at most
+294,912 (4:3 at 768 frames; 360×420 itself needs 276,480); wider ones need more (the former default
+327,680 refused some from about 88:1). The worst case is a very wide, small frame (19×2432, about
+128:1), which ``smart_resize`` *raises* to min_pixels, rounding both sides up to multiples of 28:
+56×3612 pixels, 4 × 258 = 1,032 patches per pair of frames, × 384 pairs (tests/unit/test_limits.py
+recomputes it over every frame size).
 """
 
 from __future__ import annotations
@@ -38,6 +51,10 @@ from dataclasses import dataclass, fields
 from http import HTTPStatus
 
 MiB = 1 << 20
+MIN_KEPT_FRAMES = 2  # a video is at least one temporal patch (qwen-vl-utils' FRAME_FACTOR)
+# ViT patches of the largest video the reference settings make (fps 1, 768 frames, max_pixels
+# 360×420, min_pixels 128·28², aspect ratio up to 200:1): see the module docstring
+REFERENCE_WORST_CASE_VIT_PATCHES = 396_288
 
 
 class RequestError(ValueError):
@@ -47,16 +64,31 @@ class RequestError(ValueError):
 
 
 class LimitExceeded(RequestError):
-    """A request over one of the :class:`Limits`; the message names the limit and its variable."""
+    """A request over one of the :class:`Limits`; the message names the limit and its variable.
+
+    ``at_least``: the value is a lower bound (counting stopped as soon as it passed the limit).
+    """
 
     http_status = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
 
-    def __init__(self, what: str, value: float, limit: float, variable: str, hint: str = ""):
-        message = f"{what} is {value:,.6g}, over the limit of {limit:,.6g} (server setting {variable})"
+    def __init__(
+        self, what: str, value: float, limit: float, variable: str, hint: str = "", at_least: bool = False
+    ):
+        is_ = "is at least" if at_least else "is"
+        message = (
+            f"{what} {is_} {_number(value)}, over the limit of {_number(limit)} (server setting {variable})"
+        )
         super().__init__(message + (f"; {hint}" if hint else ""))
         self.variable = variable
         self.value = value
         self.limit = limit
+
+
+def _number(value: float) -> str:
+    """Integers in full with thousands separators (36,000,000, not 3.6e+07); others to 6 digits."""
+    if isinstance(value, int) or (isinstance(value, float) and value.is_integer() and abs(value) < 1e18):
+        return f"{int(value):,}"
+    return f"{value:,.6g}"
 
 
 class SelectionUnavailable(RuntimeError):
@@ -73,8 +105,19 @@ class Limits:
     max_frames: int = 768
     max_frame_pixels: int = 4096 * 4096
     decode_max_pixels: int = 4 * 768 * 28 * 28
-    max_vit_patches: int = 327_680
+    max_vit_patches: int = 396_288  # REFERENCE_WORST_CASE_VIT_PATCHES
     max_question_tokens: int = 512
+
+    def __post_init__(self):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not value > 0:
+                raise ValueError(f"{self.variable(f.name)}={value!r} must be positive")
+        if self.max_frames < MIN_KEPT_FRAMES:
+            raise ValueError(
+                f"{self.variable('max_frames')}={self.max_frames} is too small: every video keeps at least "
+                f"{MIN_KEPT_FRAMES} frames (one temporal patch of the ViT), so no video request could be served"
+            )
 
     @staticmethod
     def variable(name: str) -> str:
@@ -96,7 +139,7 @@ class Limits:
             if not value > 0:
                 raise ValueError(f"{cls.variable(f.name)}={raw!r} must be positive")
             values[f.name] = value
-        return cls(**values)
+        return cls(**values)  # __post_init__ refuses impossible combinations
 
     # -- checks ----------------------------------------------------------------------------------
 
@@ -108,13 +151,7 @@ class Limits:
 
     def check_stream(self, width: int, height: int, seconds: float | None, frames: int | None) -> None:
         """Header facts of a video stream, before any frame is decoded."""
-        if width * height > self.max_frame_pixels:
-            raise LimitExceeded(
-                f"the frame size {width}x{height} in pixels",
-                width * height,
-                self.max_frame_pixels,
-                self.variable("max_frame_pixels"),
-            )
+        self.check_frame_size(width, height)
         if seconds is not None and seconds > self.max_video_seconds:
             raise LimitExceeded(
                 "the video's duration in seconds",
@@ -130,6 +167,27 @@ class Limits:
                 self.variable("max_source_frames"),
                 hint="the decoder reads every frame of the source",
             )
+
+    def check_frame_size(self, width: int, height: int, what: str = "the frame size") -> None:
+        if width * height > self.max_frame_pixels:
+            raise LimitExceeded(
+                f"{what} {width}x{height} in pixels",
+                width * height,
+                self.max_frame_pixels,
+                self.variable("max_frame_pixels"),
+            )
+
+    def source_frames_exceeded(self, claimed: int | None) -> LimitExceeded:
+        """The error for a stream found, while it is read, to hold more frames than the limit."""
+        said = f"its header claims {claimed:,}" if claimed else "its header does not say"
+        return LimitExceeded(
+            f"the video's frame count, counted while reading it ({said}),",
+            self.max_source_frames + 1,
+            self.max_source_frames,
+            self.variable("max_source_frames"),
+            hint="the decoder stopped there",
+            at_least=True,
+        )
 
     def check_vit_patches(self, patches: int) -> None:
         if patches > self.max_vit_patches:

@@ -149,11 +149,19 @@ def _open(source: str | os.PathLike | bytes):
     return av.open(path, mode="r", metadata_errors="replace")
 
 
-def _count_frames(container, stream) -> int:
-    """Frames in the stream: from the header when it says, else by demuxing (no decoding)."""
+def _count_frames(container, stream, limits: Limits | None = None) -> int:
+    """Frames in the stream: from the header when it says, else by demuxing (no decoding).
+
+    Demuxing stops as soon as the count passes ``limits.max_source_frames``.
+    """
     if stream.frames > 0:
         return int(stream.frames)
-    count = sum(1 for packet in container.demux(stream) if packet.size > 0)
+    count = 0
+    for packet in container.demux(stream):
+        if packet.size > 0:
+            count += 1
+            if limits is not None and count > limits.max_source_frames:
+                raise limits.source_frames_exceeded(None)
     container.seek(0)
     return count
 
@@ -185,12 +193,24 @@ def decode_size(width: int, height: int, max_pixels: int | None) -> tuple[int, i
 
 
 def _decode_at(
-    container, stream, wanted: list[int], size: tuple[int, int]
+    container,
+    stream,
+    wanted: list[int],
+    size: tuple[int, int],
+    limits: Limits | None = None,
+    claimed: int | None = None,
 ) -> tuple[dict[int, np.ndarray], int]:
-    """Decode the stream once, keeping RGB arrays of the wanted indices; also returns the frame count."""
+    """Decode the stream once, keeping RGB arrays of the wanted indices; also returns the frame count.
+
+    With ``limits``, decoding stops as soon as the count passes ``limits.max_source_frames`` (a
+    header that understates the count, ``claimed``, must not make the decoder walk the whole file).
+    """
     wanted_set, kept, index = set(wanted), {}, -1
     width, height = size
+    stop = limits.max_source_frames if limits is not None else None
     for index, frame in enumerate(container.decode(stream)):
+        if stop is not None and index >= stop:
+            raise limits.source_frames_exceeded(claimed)
         if index in wanted_set:
             if (frame.width, frame.height) == size:
                 kept[index] = frame.to_ndarray(format="rgb24")
@@ -209,8 +229,10 @@ def decode_video(
     """Decode a video file (path, ``file://`` URL or bytes) and keep the sampled frames.
 
     With ``limits``, the header's frame size, duration and frame count are checked before any
-    frame is decoded (:class:`~qtsplus_vllm.limits.LimitExceeded`), and kept frames larger than
-    ``limits.decode_max_pixels`` are scaled down (area filter) as they are decoded.
+    frame is decoded (:class:`~qtsplus_vllm.limits.LimitExceeded`), the frame count again while
+    demuxing and decoding (a header that understates it stops the decoder at the limit, not at the
+    end of the file), and kept frames larger than ``limits.decode_max_pixels`` are scaled down
+    (area filter) as they are decoded.
     """
     sampling = sampling or SamplingConfig()
     try:
@@ -243,12 +265,12 @@ def decode_video(
                 raise VideoDecodeError("the video stream has no frame rate")
             if limits is not None:
                 limits.check_stream(width, height, _stream_seconds(container, stream), stream.frames or None)
-            total = _count_frames(container, stream)
+            total = _count_frames(container, stream, limits)
             if limits is not None:
                 limits.check_stream(width, height, total / source_fps, total)
             size = decode_size(width, height, limits.decode_max_pixels if limits is not None else None)
             indices = sample_frame_indices(total, source_fps, sampling)
-            kept, decoded = _decode_at(container, stream, indices, size)
+            kept, decoded = _decode_at(container, stream, indices, size, limits, stream.frames or None)
             if decoded != total:  # the header lied: sample again from the true count
                 if decoded == 0:
                     raise VideoDecodeError("the video has no decodable frames")
@@ -257,7 +279,7 @@ def decode_video(
                 if limits is not None:
                     limits.check_stream(width, height, total / source_fps, total)
                 indices = sample_frame_indices(total, source_fps, sampling)
-                kept, _ = _decode_at(container, stream, indices, size)
+                kept, _ = _decode_at(container, stream, indices, size, limits, stream.frames or None)
         except av.FFmpegError as err:
             raise VideoDecodeError(f"cannot decode the video ({_reason(err)})") from err
     missing = sorted(set(indices) - set(kept))
@@ -285,11 +307,20 @@ def target_size(height: int, width: int, num_frames: int, config: PreprocessConf
     if max_pixels < config.min_pixels:
         raise ValueError(f"max_pixels={config.max_pixels} is below min_pixels={config.min_pixels}")
     try:
-        return qwen_vl.smart_resize(
+        size = qwen_vl.smart_resize(
             height, width, factor=f, min_pixels=config.min_pixels, max_pixels=max_pixels
         )
     except ValueError as err:  # aspect ratio over qwen-vl-utils' MAX_RATIO
         raise VideoDecodeError(f"frame size {width}x{height} cannot be used: {err}") from err
+    if min(size) < f:
+        # smart_resize floors the short side of a very wide frame that it scales down to 0 rows
+        # (27x5391 at max_pixels 360*420, for instance): no patch could be made of it
+        raise VideoDecodeError(
+            f"frame size {width}x{height} cannot be used at max_pixels={max_pixels}: resizing it to "
+            f"multiples of {f} leaves {size[1]}x{size[0]} pixels; send a less extreme aspect ratio or "
+            "raise max_pixels"
+        )
+    return size
 
 
 def vit_patch_count(num_frames: int, height: int, width: int, config: PreprocessConfig) -> int:

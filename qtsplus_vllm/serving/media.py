@@ -7,38 +7,64 @@ It changes video fetching only (images and audio go through vLLM's own code):
 - the encoded size is checked before the bytes are materialised: a ``data:`` URL by its base64
   length (before decoding it), a ``file://`` path by its size on disk (after vLLM's
   ``--allowed-local-media-path`` check), an ``http(s)`` download while it streams (vLLM stops at
-  ``min(QTSPLUS_MAX_VIDEO_BYTES, VLLM_MAX_MEDIA_DOWNLOAD_SIZE_MB)``) → HTTP 413;
-- a URL that cannot be fetched (connection refused, DNS failure, timeout after
-  ``VLLM_VIDEO_FETCH_TIMEOUT`` seconds) → HTTP 400 naming the URL and the reason, where vLLM
-  would answer 500.
+  ``min(QTSPLUS_MAX_VIDEO_BYTES, VLLM_MAX_MEDIA_DOWNLOAD_SIZE_MB)``; we turn its error into ours)
+  → HTTP 413 naming the setting that applied;
+- the frames of a ``data:video/jpeg`` list get the limits of a video stream's frames: each
+  frame's size is read from its header before it is decoded (over ``QTSPLUS_MAX_FRAME_PIXELS`` →
+  413) and a frame over ``QTSPLUS_DECODE_MAX_PIXELS`` is decoded scaled down (JPEG DCT scaling,
+  then an area filter), one frame at a time. vLLM keeps only the first ``num_frames`` frames of
+  such a list (``media_io_kwargs["video"]["num_frames"]``, default 32; -1 keeps all), dropping
+  the rest silently; ``QTSPLUS_MAX_FRAMES`` bounds the count sent;
+- a ``video_url`` that cannot be fetched gets a status that says whose fault it is, with the
+  URL and the reason (vLLM would answer 500 for most of these, 422 for some):
+
+  ====================================================  ====  =================================
+  what happened                                         HTTP  why this status
+  ====================================================  ====  =================================
+  the media server answered 4xx (404, 403, 410...);     400   the client's URL is unusable as
+  a redirect loop; connection refused; DNS failure;           sent: retrying will not help
+  an invalid URL
+  it answered 5xx (after vLLM's retries) or 429; the    502   Bad Gateway: the upstream server
+  connection broke off; a truncated body                      failed; a retry may succeed
+  it answered 408 or 504; no answer within              504   Gateway Timeout: the upstream
+  ``VLLM_VIDEO_FETCH_TIMEOUT`` (per attempt)                  server did not answer in time
+  ====================================================  ====  =================================
+
+  Every one is counted in ``qtsplus_rejected_requests_total{status}``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import io
 import os
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import requests
 import vllm.envs as envs
-from vllm.multimodal.media import MEDIA_CONNECTOR_REGISTRY, MediaConnector
+from PIL import Image, ImageOps
+from vllm.connections import HTTPResponseSizeExceededError, MediaDownloadSizeExceededError
+from vllm.exceptions import VLLMUnprocessableEntityError
+from vllm.multimodal.media import MEDIA_CONNECTOR_REGISTRY, MediaConnector, MediaWithBytes
 from vllm.multimodal.media.image import ImageMediaIO
 from vllm.multimodal.media.video import VideoMediaIO
 from vllm.multimodal.video import get_video_loader_backend_for_processor
 
 from ..limits import LimitExceeded, RequestError, server_limits
+from ..video import decode_size
 from .errors import QTSplusHTTPError, as_http_error
 
 CONNECTOR_NAME = "qtsplus"
 
-# What a failed fetch raises, short of an HTTP error status (vLLM maps those to 422 itself).
+# What a failed fetch raises (vLLM re-raises 5xx/408/429 answers as they are, and wraps 4xx answers,
+# invalid URLs and its own download cap in a 422 error whose __cause__ is the original).
 _FETCH_ERRORS = (
-    aiohttp.ClientConnectionError,
+    aiohttp.ClientError,  # answers with an error status, redirect loops, truncated bodies, connections
     asyncio.TimeoutError,
-    requests.ConnectionError,
-    requests.Timeout,
+    requests.RequestException,  # the synchronous path's equivalents
     OSError,
 )
 
@@ -83,18 +109,157 @@ def _describe(url: str) -> str:
     return url if len(url) <= 200 else url[:200] + "..."
 
 
-def _fetch_error(url: str, err: BaseException) -> QTSplusHTTPError:
-    reason = str(err) or type(err).__name__
+def _upstream_answer(err: BaseException) -> tuple[int, str] | None:
+    """(status, reason) of the media server's error answer, if ``err`` is one."""
+    if isinstance(err, aiohttp.ClientResponseError) and err.status:
+        return err.status, err.message or ""
+    if isinstance(err, requests.HTTPError) and err.response is not None:
+        return err.response.status_code, err.response.reason or ""
+    return None
+
+
+def _classify(err: BaseException) -> tuple[HTTPStatus, str]:
+    """Our status for a failed fetch and the reason in words (see the module docstring)."""
+    if isinstance(err, aiohttp.TooManyRedirects | requests.TooManyRedirects):
+        hops = len(getattr(err, "history", ()) or ()) or "too many"
+        return HTTPStatus.BAD_REQUEST, f"it redirects in a loop ({hops} redirects followed)"
+    answer = _upstream_answer(err)
+    if answer is not None:
+        status, reason = answer
+        said = f"the media server answered HTTP {status}" + (f" {reason}" if reason else "")
+        if status in (HTTPStatus.REQUEST_TIMEOUT, HTTPStatus.GATEWAY_TIMEOUT):
+            return HTTPStatus.GATEWAY_TIMEOUT, said
+        if status == HTTPStatus.TOO_MANY_REQUESTS or status >= 500:
+            return HTTPStatus.BAD_GATEWAY, said
+        if 400 <= status < 500:
+            return HTTPStatus.BAD_REQUEST, said
+        return HTTPStatus.BAD_GATEWAY, said
     if isinstance(err, asyncio.TimeoutError | requests.Timeout):
-        reason = f"no answer within VLLM_VIDEO_FETCH_TIMEOUT={envs.VLLM_VIDEO_FETCH_TIMEOUT} s"
-    return as_http_error(RequestError(f"cannot fetch the video_url {_describe(url)}: {reason}"))
+        return HTTPStatus.GATEWAY_TIMEOUT, (
+            f"no answer within VLLM_VIDEO_FETCH_TIMEOUT={envs.VLLM_VIDEO_FETCH_TIMEOUT} s "
+            f"(per attempt, {max(envs.VLLM_MEDIA_FETCH_MAX_RETRIES, 1)} attempts)"
+        )
+    reason = str(err) or type(err).__name__
+    if isinstance(
+        err,
+        aiohttp.ClientPayloadError
+        | requests.exceptions.ChunkedEncodingError
+        | requests.exceptions.ContentDecodingError,
+    ):
+        return HTTPStatus.BAD_GATEWAY, f"the media server's answer broke off or is malformed ({reason})"
+    if isinstance(err, aiohttp.ClientConnectionError) and not isinstance(err, aiohttp.ClientConnectorError):
+        # connected, then the server went away (disconnect, reset): the upstream failed
+        return HTTPStatus.BAD_GATEWAY, f"the connection to the media server broke ({reason})"
+    return HTTPStatus.BAD_REQUEST, reason  # connection refused, DNS failure, invalid URL, ...
+
+
+def _fetch_error(url: str, err: BaseException) -> QTSplusHTTPError:
+    status, reason = _classify(err)
+    return as_http_error(_FetchFailed(f"cannot fetch the video_url {_describe(url)}: {reason}", status))
+
+
+class _FetchFailed(RequestError):
+    def __init__(self, message: str, status: HTTPStatus):
+        super().__init__(message)
+        self.http_status = status
+
+
+def _download_too_large(url: str, err: BaseException) -> QTSplusHTTPError:
+    """vLLM's download cap, hit while streaming an http(s) video, as our 413."""
+    limits = server_limits()
+    vllm_mb = envs.VLLM_MAX_MEDIA_DOWNLOAD_SIZE_MB
+    variable = (
+        "VLLM_MAX_MEDIA_DOWNLOAD_SIZE_MB"
+        if isinstance(err, MediaDownloadSizeExceededError)
+        else limits.variable("max_video_bytes")
+    )
+    received = getattr(err, "received_bytes", None)
+    limit = getattr(err, "max_bytes", None) or limits.max_video_bytes
+    return as_http_error(
+        LimitExceeded(
+            f"the size in bytes of the video at {_describe(url)}",
+            received if received is not None else limit + 1,
+            limit,
+            variable,
+            hint=(
+                f"http(s) downloads stop at the lower of QTSPLUS_MAX_VIDEO_BYTES={limits.max_video_bytes:,} "
+                f"and VLLM_MAX_MEDIA_DOWNLOAD_SIZE_MB={vllm_mb}"
+            ),
+            at_least=True,
+        )
+    )
+
+
+def _fetch_failure(url: str, err: Exception) -> QTSplusHTTPError | None:
+    """Our error for what vLLM raised while fetching ``url``; None: not a fetch failure, let it be."""
+    if isinstance(err, QTSplusHTTPError):
+        return err
+    if isinstance(err, HTTPResponseSizeExceededError | MediaDownloadSizeExceededError):
+        return _download_too_large(url, err)
+    if isinstance(err, VLLMUnprocessableEntityError):  # vLLM's 422 around the original error
+        cause = err.__cause__
+        if isinstance(cause, MediaDownloadSizeExceededError | HTTPResponseSizeExceededError):
+            return _download_too_large(url, cause)
+        if isinstance(cause, _FETCH_ERRORS):
+            return _fetch_error(url, cause)
+        return None
+    if isinstance(err, _FETCH_ERRORS):
+        return _fetch_error(url, err)
+    return None
+
+
+class _LimitedFrameIO(ImageMediaIO):
+    """vLLM's image IO for the frames of a ``data:video/jpeg`` list, with the video frame limits.
+
+    Each frame's size comes from its header (PIL reads only the header on open): over
+    ``QTSPLUS_MAX_FRAME_PIXELS`` → 413 before decoding; over ``QTSPLUS_DECODE_MAX_PIXELS`` → the
+    frame is decoded scaled down (JPEG's DCT scaling via ``draft``, then an area filter to the size
+    a video stream's frame would get), so no full-size frame list is ever held.
+    """
+
+    def load_bytes(self, data: bytes):
+        limits = server_limits()
+        try:
+            probe = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError as err:  # PIL refuses > 2 × its MAX_IMAGE_PIXELS on open
+            raise as_http_error(
+                LimitExceeded(
+                    "a video/jpeg frame's size in pixels",
+                    2 * (Image.MAX_IMAGE_PIXELS or 0) + 1,
+                    limits.max_frame_pixels,
+                    limits.variable("max_frame_pixels"),
+                    at_least=True,
+                )
+            ) from err
+        except Exception:
+            return super().load_bytes(data)  # not an image: vLLM's own error
+        with probe:
+            width, height = probe.size
+            try:
+                limits.check_frame_size(width, height, "a video/jpeg frame's size")
+            except LimitExceeded as err:
+                raise as_http_error(err) from err
+            if width * height > limits.decode_max_pixels:
+                try:
+                    return MediaWithBytes(self._scaled_down(probe, limits.decode_max_pixels), data)
+                except (OSError, ValueError) as err:
+                    raise ValueError(f"Failed to load image: {err}") from err
+        return super().load_bytes(data)
+
+    def _scaled_down(self, image: Image.Image, max_pixels: int) -> Image.Image:
+        image.draft("RGB", decode_size(*image.size, max_pixels))  # JPEG: decode at 1/2, 1/4 or 1/8
+        image = ImageOps.exif_transpose(image)  # as vLLM orients full-size frames
+        if self.image_mode is not None and image.mode != self.image_mode:
+            image = image.convert(self.image_mode)
+        size = decode_size(*image.size, max_pixels)
+        return image.resize(size, Image.Resampling.BOX) if image.size != size else image
 
 
 class QTSplusMediaConnector(MediaConnector):
     """:class:`MediaConnector` whose video fetches go through :class:`LimitedVideoMediaIO`."""
 
     def _video_io(self, image_mode: str | None, video_processor: str | None) -> LimitedVideoMediaIO:
-        image_io = ImageMediaIO(**({"image_mode": image_mode} | self.media_io_kwargs.get("image", {})))
+        image_io = _LimitedFrameIO(**({"image_mode": image_mode} | self.media_io_kwargs.get("image", {})))
         kwargs: dict[str, Any] = dict(self.media_io_kwargs.get("video", {}))
         if "video_backend" not in kwargs:
             backend = get_video_loader_backend_for_processor(video_processor)
@@ -108,10 +273,11 @@ class QTSplusMediaConnector(MediaConnector):
         video_io = self._video_io(image_mode, video_processor)
         try:
             return self.load_from_url(video_url, video_io, fetch_timeout=envs.VLLM_VIDEO_FETCH_TIMEOUT)
-        except QTSplusHTTPError:
-            raise
-        except _FETCH_ERRORS as err:
-            raise _fetch_error(video_url, err) from err
+        except Exception as err:
+            ours = _fetch_failure(video_url, err)
+            if ours is None or ours is err:
+                raise
+            raise ours from err
 
     async def fetch_video_async(
         self, video_url: str, *, image_mode: str | None = "RGB", video_processor: str | None = None
@@ -121,10 +287,11 @@ class QTSplusMediaConnector(MediaConnector):
             return await self.load_from_url_async(
                 video_url, video_io, fetch_timeout=envs.VLLM_VIDEO_FETCH_TIMEOUT
             )
-        except QTSplusHTTPError:
-            raise
-        except _FETCH_ERRORS as err:
-            raise _fetch_error(video_url, err) from err
+        except Exception as err:
+            ours = _fetch_failure(video_url, err)
+            if ours is None or ours is err:
+                raise
+            raise ours from err
 
 
 def register_media_connector() -> None:

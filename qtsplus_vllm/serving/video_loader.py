@@ -21,12 +21,15 @@ request values win key by key):
 key         meaning                                           allowed (default)
 ==========  ================================================  =====================================
 fps         frames kept per second of video                   finite number > 0 (1.0, the demo's)
-min_frames  lower bound on the frame count                    integer 1 .. max_frames (4)
+min_frames  lower bound on the frame count                    integer 1 .. max_frames
+                                                              (4, or max_frames rounded down to
+                                                              even when that is smaller)
 max_frames  upper bound on the frame count                    integer 2 .. QTSPLUS_MAX_FRAMES (768)
 ==========  ================================================  =====================================
 
 The count is ``smart_nframes``: clamp(duration · fps, min_frames, max_frames), at most the
-source's frames, rounded down to even. ``num_frames`` (always passed by ``VideoMediaIO``,
+source's frames, rounded down to even (qwen-vl-utils rounds min_frames up and max_frames down to
+even first, so ``max_frames`` 2 and 3 both keep 2 frames). ``num_frames`` (always passed by ``VideoMediaIO``,
 default 32) is ignored: use ``max_frames`` / ``fps``. Because ``VideoMediaIO.merge_kwargs``
 drops the server's ``fps`` when a request sets only ``num_frames``, such a request gets our
 default fps 1.0 (with the server's min/max_frames). ``video_backend``, ``backend`` and ``device``
@@ -53,6 +56,7 @@ LOADER_NAME = "qtsplus"
 VIDEO_PROCESSOR_NAME = "QTSplusVideoProcessor"  # a name only: no such class exists or is needed
 
 ACCEPTED_KWARGS = ("fps", "min_frames", "max_frames")
+_FRAME_FACTOR = 2  # frames per temporal patch: the fewest frames a video can keep
 IGNORED_KWARGS = ("num_frames", "video_backend", "backend", "device")
 
 
@@ -60,10 +64,14 @@ def _bad(key: str, value: object, allowed: str) -> ValueError:
     return ValueError(f"media_io_kwargs['video'][{key!r}]={value!r} is invalid: allowed {allowed}")
 
 
-def _integer(key: str, value: object, lo: int, hi: int) -> int:
+def _is_integer(value: object) -> bool:
     # JSON may spell an integer as 64.0; bool is an int subclass but never a frame count
     ok = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
-    if isinstance(value, bool) or not ok or not lo <= value <= hi:
+    return ok and not isinstance(value, bool)
+
+
+def _integer(key: str, value: object, lo: int, hi: int) -> int:
+    if not _is_integer(value) or not lo <= value <= hi:
         raise _bad(key, value, f"an integer in [{lo}, {hi}]")
     return int(value)
 
@@ -82,10 +90,24 @@ def sampling_from_kwargs(kwargs: Mapping[str, Any]) -> SamplingConfig:
         raise _bad("fps", fps, "a finite number > 0")
     # kept frames stay at (at most QTSPLUS_DECODE_MAX_PIXELS) decode size until the processor
     # resizes them: the frame limit bounds the API server's memory per video
-    limit = server_limits().max_frames
-    max_frames = kwargs.get("max_frames", min(defaults.max_frames, limit))
-    max_frames = _integer("max_frames", max_frames, 2, max(limit, 2))
-    min_frames = _integer("min_frames", kwargs.get("min_frames", defaults.min_frames), 1, max_frames)
+    limit = server_limits().max_frames  # at least 2: Limits refuses less
+    if "max_frames" in kwargs:
+        max_frames = _integer("max_frames", kwargs["max_frames"], _FRAME_FACTOR, limit)
+    else:
+        max_frames = min(defaults.max_frames, limit)
+    if "min_frames" in kwargs:
+        min_frames = kwargs["min_frames"]
+        if _is_integer(min_frames) and min_frames > max_frames >= 1:
+            # name both keys: max_frames may be the server's or QTSPLUS_MAX_FRAMES, not the client's
+            source = "" if "max_frames" in kwargs else f" (the default: at most QTSPLUS_MAX_FRAMES={limit})"
+            raise ValueError(
+                f"media_io_kwargs['video']['min_frames']={min_frames!r} is invalid: allowed an integer in "
+                f"[1, {max_frames}], it may not exceed max_frames={max_frames}{source}"
+            )
+        min_frames = _integer("min_frames", min_frames, 1, max_frames)
+    else:
+        # qwen-vl-utils' floor of 4 frames, lowered with a smaller max_frames (never above it)
+        min_frames = min(defaults.min_frames, max_frames - max_frames % _FRAME_FACTOR)
     return SamplingConfig(fps=float(fps), min_frames=min_frames, max_frames=max_frames)
 
 

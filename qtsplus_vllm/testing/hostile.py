@@ -9,6 +9,7 @@ limits before decoding.
 from __future__ import annotations
 
 import io
+import struct
 from fractions import Fraction
 
 import av
@@ -101,3 +102,47 @@ def zero_frame_video(size: tuple[int, int] = (64, 48)) -> bytes:
         stream.width, stream.height, stream.pix_fmt = size[0], size[1], "bgr0"
         container.start_encoding()  # write the header although no packet follows
     return buffer.getvalue()
+
+
+def understate_frame_count(avi: bytes, frames: int) -> bytes:
+    """``avi`` with main and stream headers (``avih``, ``strh``) that claim ``frames`` frames."""
+    data = bytearray(avi)
+    struct.pack_into("<I", data, data.index(b"avih") + 24, frames)
+    struct.pack_into("<I", data, data.index(b"strh") + 40, frames)
+    return bytes(data)
+
+
+def understated_avi(
+    frames: int, claimed: int = 2, size: tuple[int, int] = (16, 16), fps: float = 30.0
+) -> bytes:
+    """An MJPEG AVI of ``frames`` flat frames whose headers claim only ``claimed``.
+
+    FFmpeg trusts the header for the frame count and duration, so only a decoder that counts as it
+    goes sees the truth. 3,200 16×16 frames take about 0.7 MB.
+    """
+    width, height = size
+    greys = np.arange(frames) % 200 + 20
+    avi = encode_frames(
+        [np.full((height, width, 3), g, dtype=np.uint8) for g in greys],
+        fps=fps,
+        codec="mjpeg",
+        container_format="avi",
+        pix_fmt="yuvj420p",
+    )
+    return understate_frame_count(avi, claimed)
+
+
+def jpeg_frame(size: tuple[int, int], colour: tuple[int, int, int] = (90, 30, 200)) -> bytes:
+    """One flat JPEG frame (a 6000×6000 one is about 300 kB; its header says the size)."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, format="JPEG", quality=50)
+    return buffer.getvalue()
+
+
+def jpeg_frames_url(frames: list[bytes]) -> str:
+    """A ``data:video/jpeg`` URL: vLLM's comma-separated list of base64 JPEG frames."""
+    import base64
+
+    return "data:video/jpeg;base64," + ",".join(base64.b64encode(f).decode() for f in frames)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import re
 
 import numpy as np
 import pytest
@@ -186,3 +187,249 @@ def test_request_num_frames_drops_server_fps(clip_bytes):
     assert merged == {"num_frames": 64}
     video = VideoMediaIO(ImageMediaIO(), video_backend=LOADER_NAME, **merged).load_bytes(clip_bytes)
     assert len(video.media[0]) == 10
+
+
+# -- sampling with few frames (issue 11 item 5) ------------------------------------------------------
+
+
+@pytest.mark.parametrize("max_frames, count", [(2, 2), (3, 2), (4, 4), (5, 4)])
+def test_small_max_frames_alone_is_served(clip_bytes, max_frames, count):
+    """max_frames 2 or 3 without min_frames: min_frames follows it down (it was a 400 naming min_frames)."""
+    frames, meta = QTSplusVideoLoader.load_bytes(clip_bytes, num_frames=32, max_frames=max_frames)
+    assert len(frames) == len(meta["frames_indices"]) == count
+    assert sampling_from_kwargs({"max_frames": max_frames}).min_frames == min(4, count)
+
+
+def test_min_frames_over_max_frames_names_both_keys():
+    with pytest.raises(ValueError, match=r"\['min_frames'\]=4 .*may not exceed max_frames=3") as info:
+        sampling_from_kwargs({"max_frames": 3, "min_frames": 4})
+    assert "min_frames" in str(info.value)
+
+
+@pytest.mark.parametrize("limit, count", [(2, 2), (3, 2)])
+def test_a_server_frame_limit_of_2_or_3_serves_videos(clip_bytes, monkeypatch, limit, count):
+    """QTSPLUS_MAX_FRAMES 2 or 3 used to break every video request (the default min_frames 4 > max)."""
+    import qtsplus_vllm.serving.video_loader as video_loader
+
+    limits = Limits.from_env({"QTSPLUS_MAX_FRAMES": str(limit)})
+    monkeypatch.setattr(video_loader, "server_limits", lambda: limits)
+    frames, _ = QTSplusVideoLoader.load_bytes(clip_bytes, num_frames=32)
+    assert len(frames) == count
+    with pytest.raises(ValueError, match=rf"\['max_frames'\]=4 .*\[2, {limit}\]"):
+        sampling_from_kwargs({"max_frames": 4})
+
+
+# -- fetching over http: upstream errors and the download cap (issue 11 items 5) -----------------
+
+
+@pytest.fixture(scope="module")
+def media_server(clip_bytes):
+    """A local HTTP server: /status/N answers N, /loop redirects to itself, /truncated breaks off,
+    /big/N serves N bytes (/big-chunked/N without a Content-Length), /clip.mp4 a valid video."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):
+            pass
+
+        def _send(self, status, body=b"", headers=()):
+            self.send_response(status)
+            for key, value in headers:
+                self.send_header(key, value)
+            if not any(key == "Content-Length" for key, _ in headers):
+                self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self):
+            parts = self.path.strip("/").split("/")
+            if parts[0] == "status":
+                self._send(int(parts[1]), b"nope")
+            elif parts[0] == "loop":
+                self._send(302, headers=[("Location", "/loop")])
+            elif parts[0] == "truncated":
+                self._send(200, clip_bytes[:500], headers=[("Content-Length", str(len(clip_bytes)))])
+                self.close_connection = True
+            elif parts[0] == "big":
+                self._send(200, b"\0" * int(parts[1]))
+            elif parts[0] == "big-chunked":
+                self.send_response(200)
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                left = int(parts[1])
+                while left > 0:
+                    chunk = b"\0" * min(left, 65536)
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                    left -= len(chunk)
+                self.wfile.write(b"0\r\n\r\n")
+            elif parts[0] == "clip.mp4":
+                self._send(200, clip_bytes)
+            else:
+                self._send(404)
+
+    class Server(http.server.ThreadingHTTPServer):
+        def handle_error(self, request, client_address):
+            pass  # clients that stop reading a too-large body reset the connection
+
+    server = Server(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def _rejections() -> dict[str, float]:
+    from qtsplus_vllm.serving.metrics import metrics
+
+    return {
+        sample.labels["status"]: sample.value
+        for family in metrics().rejected.collect()
+        for sample in family.samples
+        if sample.name.endswith("_total")
+    }
+
+
+def _fetch(url: str, limits: Limits | None = None, monkeypatch=None):
+    """fetch_video_async of the plugin's connector, in a fresh event loop and HTTP connection."""
+    import asyncio
+
+    from vllm.connections import HTTPConnection
+
+    import qtsplus_vllm.serving.media as media
+
+    if limits is not None:
+        monkeypatch.setattr(media, "server_limits", lambda: limits)
+
+    async def run():
+        connector = media.QTSplusMediaConnector(connection=HTTPConnection(reuse_client=False))
+        return await connector.fetch_video_async(url, video_processor=VIDEO_PROCESSOR_NAME)
+
+    return asyncio.run(run())
+
+
+@pytest.mark.parametrize(
+    "path, status, pattern",
+    [
+        ("/status/503", 502, r"answered HTTP 503 Service Unavailable"),
+        ("/status/500", 502, r"answered HTTP 500 Internal Server Error"),
+        ("/status/429", 502, r"answered HTTP 429 Too Many Requests"),
+        ("/status/408", 504, r"answered HTTP 408 Request Timeout"),
+        ("/status/504", 504, r"answered HTTP 504 Gateway Timeout"),
+        ("/status/404", 400, r"answered HTTP 404 Not Found"),
+        ("/status/403", 400, r"answered HTTP 403 Forbidden"),
+        ("/loop", 400, r"redirects in a loop"),
+        ("/truncated", 502, r"broke off"),
+    ],
+)
+def test_upstream_failures_get_a_clear_status(media_server, monkeypatch, path, status, pattern):
+    """The media server's error answers are ours, named and counted (503 used to be our 500)."""
+    from qtsplus_vllm.serving.errors import QTSplusHTTPError
+
+    monkeypatch.setenv("VLLM_MEDIA_FETCH_MAX_RETRIES", "1")
+    before = _rejections().get(str(status), 0)
+    url = media_server + path
+    with pytest.raises(QTSplusHTTPError) as info:
+        _fetch(url)
+    assert info.value.http_status == status
+    assert re.search(rf"cannot fetch the video_url {re.escape(url)}: .*{pattern}", str(info.value)), info.value
+    assert _rejections()[str(status)] == before + 1
+
+
+def test_a_fetched_video_still_loads(media_server):
+    frames, meta = _fetch(media_server + "/clip.mp4").media
+    assert meta["video_backend"] == LOADER_NAME and len(frames) == 10
+
+
+@pytest.mark.parametrize("path", ["/big/300000", "/big-chunked/300000"])
+def test_http_download_over_the_byte_limit_is_our_413(media_server, monkeypatch, path):
+    """Over QTSPLUS_MAX_VIDEO_BYTES while downloading: 413 naming it (was vLLM's 400 naming another)."""
+    from qtsplus_vllm.serving.errors import QTSplusHTTPError
+
+    before = _rejections().get("413", 0)
+    with pytest.raises(QTSplusHTTPError) as info:
+        _fetch(media_server + path, Limits(max_video_bytes=100_000), monkeypatch)
+    assert info.value.http_status == 413
+    assert re.search(
+        r"size in bytes of the video at http://\S+ is at least [\d,]+, over the limit of 100,000 "
+        r"\(server setting QTSPLUS_MAX_VIDEO_BYTES\)",
+        str(info.value),
+    ), info.value
+    assert _rejections()["413"] == before + 1
+
+
+def test_http_download_over_vllms_lower_cap_names_that_cap(media_server, monkeypatch):
+    from qtsplus_vllm.serving.errors import QTSplusHTTPError
+
+    monkeypatch.setenv("VLLM_MAX_MEDIA_DOWNLOAD_SIZE_MB", "1")
+    with pytest.raises(QTSplusHTTPError) as info:
+        _fetch(media_server + "/big/1100000", Limits(max_video_bytes=10 << 20), monkeypatch)
+    assert info.value.http_status == 413
+    assert "over the limit of 1,048,576 (server setting VLLM_MAX_MEDIA_DOWNLOAD_SIZE_MB)" in str(info.value)
+
+
+# -- data:video/jpeg frame lists (issue 11 item 6) -----------------------------------------------
+
+
+def _jpeg_io(monkeypatch, limits: Limits):
+    import qtsplus_vllm.serving.media as media
+
+    monkeypatch.setattr(media, "server_limits", lambda: limits)
+    return media.QTSplusMediaConnector()._video_io("RGB", VIDEO_PROCESSOR_NAME)
+
+
+def test_jpeg_frames_over_the_frame_pixel_limit_are_refused(monkeypatch):
+    """Four 6000×6000 JPEG frames: 413 naming QTSPLUS_MAX_FRAME_PIXELS, before any is decoded."""
+    from PIL import Image
+
+    from qtsplus_vllm.serving.errors import QTSplusHTTPError
+    from qtsplus_vllm.testing import hostile
+
+    url = hostile.jpeg_frames_url([hostile.jpeg_frame((6000, 6000))] * 4)
+    video_io = _jpeg_io(monkeypatch, Limits())
+    loads = []
+    monkeypatch.setattr(Image.Image, "load", lambda self, _load=Image.Image.load: loads.append(1) or _load(self))
+    with pytest.raises(QTSplusHTTPError) as info:
+        video_io.load_base64("video/jpeg", url.split(",", 1)[1])
+    assert info.value.http_status == 413
+    assert re.search(
+        r"video/jpeg frame's size 6000x6000 in pixels is 36,000,000, over the limit of 16,777,216 "
+        r"\(server setting QTSPLUS_MAX_FRAME_PIXELS\)",
+        str(info.value),
+    ), info.value
+    assert not loads  # only the header was read
+
+
+def test_jpeg_frames_over_the_decode_limit_are_scaled_down_like_video_frames(monkeypatch):
+    from qtsplus_vllm.testing import hostile
+    from qtsplus_vllm.video import decode_size
+
+    limits = Limits(decode_max_pixels=200 * 150)
+    frames = [hostile.jpeg_frame((800, 600), (200, 40, 40)), hostile.jpeg_frame((800, 600), (40, 200, 40))]
+    video_io = _jpeg_io(monkeypatch, limits)
+    video = video_io.load_base64("video/jpeg", hostile.jpeg_frames_url(frames).split(",", 1)[1])
+    array, meta = video.media
+    assert array.shape == (2, 150, 200, 3) and array.dtype == np.uint8
+    assert decode_size(800, 600, 200 * 150) == (200, 150)
+    # flat colours survive the draft decode and the area filter (JPEG's own error aside)
+    assert np.abs(array[0].astype(int) - (200, 40, 40)).max() <= 8
+    assert np.abs(array[1].astype(int) - (40, 200, 40)).max() <= 8
+    # frames within the limit are vLLM's own decode, untouched
+    small = video_io.load_base64("video/jpeg", hostile.jpeg_frames_url(frames[:1] * 2).split(",", 1)[1])
+    unlimited = _jpeg_io(monkeypatch, Limits()).load_base64(
+        "video/jpeg", hostile.jpeg_frames_url(frames[:1] * 2).split(",", 1)[1]
+    )
+    assert small.media[0].shape == (2, 150, 200, 3) and unlimited.media[0].shape == (2, 600, 800, 3)
+
+
+def test_vllm_keeps_the_first_32_frames_of_a_jpeg_list(monkeypatch):
+    """Documented in the README: vLLM's num_frames (default 32) cuts a data:video/jpeg list."""
+    from qtsplus_vllm.testing import hostile
+
+    frames = [hostile.jpeg_frame((16, 16), (i * 5, 0, 0)) for i in range(40)]
+    video_io = _jpeg_io(monkeypatch, Limits())
+    array, meta = video_io.load_base64("video/jpeg", hostile.jpeg_frames_url(frames).split(",", 1)[1]).media
+    assert array.shape[0] == 32 and meta["total_num_frames"] == 32
