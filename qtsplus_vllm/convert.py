@@ -19,7 +19,9 @@ What the output holds:
   Qwen2.5-VL names: vLLM's ``hf_to_vllm_mapper`` and transformers' conversion mapping both load
   them); the selector dropped. A source with ``model.mm_projector.weight`` has no stock Qwen2.5-VL
   form (its merger output is not the LM width) and is refused. Written tensor by tensor (one tensor
-  in memory at a time) in the source's sharding (single file, or the same shard files + index).
+  in memory at a time) in the source's sharding (single file, or the same shard files + index),
+  always as safetensors: a ``pytorch_model.bin`` source (read weights-only, memory-mapped) becomes
+  ``model.safetensors``, its shards ``pytorch_model-0000i-of-0000n.bin`` ``model-0000i-of-0000n.safetensors``.
 - tokenizer files, chat template and ``generation_config.json`` copied; ``preprocessor_config.json``
   (images: the source's, as released) and ``video_preprocessor_config.json`` written so that
   transformers' ``Qwen2VLVideoProcessor`` resizes video frames like our plugin (below).
@@ -80,10 +82,9 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from transformers import AutoTokenizer
 
-from .checkpoint import INDEX_FILE, SINGLE_FILE, CheckpointReader, load_config
+from .checkpoint import BIN_INDEX_FILE, INDEX_FILE, SINGLE_FILE, CheckpointReader, load_config
 from .config import PROJECTOR_KEY, SELECTOR_PREFIX, VISION_PREFIX, CheckpointError, resolve_vision_config
 from .video import CLIP_MEAN, CLIP_STD, PreprocessConfig, qwen_vl
 
@@ -231,30 +232,33 @@ def image_preprocessor_config(src: Path) -> dict:
     return config
 
 
-def shard_plan(src: Path, reader: CheckpointReader) -> dict[str, list[tuple[str, str]]]:
-    """Output file -> [(source name, target name)], keeping the source's file of every tensor."""
-    index = src / INDEX_FILE
-    file_of = (
-        json.loads(index.read_text())["weight_map"]
-        if index.is_file()
-        else dict.fromkeys(reader.keys(), SINGLE_FILE)
+def output_file(source_file: str) -> str:
+    """The safetensors file a source weight file is written to (``pytorch_model*.bin`` renamed)."""
+    if not source_file.endswith(".bin"):
+        return source_file
+    stem = source_file.removesuffix(".bin")
+    return (
+        SINGLE_FILE if stem == "pytorch_model" else stem.replace("pytorch_model", "model", 1) + ".safetensors"
     )
+
+
+def shard_plan(reader: CheckpointReader) -> dict[str, list[tuple[str, str]]]:
+    """Output file -> [(source name, target name)], keeping the source's file of every tensor."""
+    file_of = reader.files()
     plan: dict[str, list[tuple[str, str]]] = {}
     for name in sorted(file_of):
         target = rename_key(name)
         if target is not None:
-            plan.setdefault(file_of[name], []).append((name, target))
+            plan.setdefault(output_file(file_of[name]), []).append((name, target))
     return plan
 
 
-def tensor_metadata(src: Path, plan: dict[str, list[tuple[str, str]]]) -> dict[str, tuple[str, list[int]]]:
-    """Source name -> (safetensors dtype, shape) of every planned tensor, read from the file headers."""
-    meta = {}
-    for file, entries in plan.items():
-        with safe_open(src / file, framework="pt") as f:
-            for name, _ in entries:
-                sl = f.get_slice(name)
-                meta[name] = (sl.get_dtype(), list(sl.get_shape()))
+def tensor_metadata(
+    reader: CheckpointReader, plan: dict[str, list[tuple[str, str]]]
+) -> dict[str, tuple[str, list[int]]]:
+    """Source name -> (safetensors dtype, shape) of every planned tensor, without reading their data."""
+    shapes, codes = reader.shapes(strip=False), reader.dtype_codes(strip=False)
+    meta = {name: (codes[name], shapes[name]) for entries in plan.values() for name, _ in entries}
     unsupported = sorted(f"{name} ({dtype})" for name, (dtype, _) in meta.items() if dtype not in ITEM_SIZE)
     if unsupported:
         raise CheckpointError(f"tensors with non-float dtypes cannot be converted: {unsupported}")
@@ -269,9 +273,10 @@ def write_safetensors(
 ) -> int:
     """Write ``entries`` [(source name, target name)] as one safetensors file, one tensor at a time.
 
-    The header (dtypes, shapes, offsets) comes from the source headers (``meta``), so it is written
-    first and each tensor's bytes follow as they are read. Larger dtypes first keeps every offset
-    aligned to its element size, as safetensors' own writer does. Returns the bytes of tensor data.
+    The header (dtypes, shapes, offsets) comes from the source metadata (``meta``), so it is written
+    first and each tensor's bytes are written at their offset as they are read (each source file is
+    opened once). Larger dtypes first keeps every offset aligned to its element size, as safetensors'
+    own writer does. Returns the bytes of tensor data.
     """
     entries = sorted(entries, key=lambda e: (-ITEM_SIZE[meta[e[0]][0]], e[1]))
     header: dict = {"__metadata__": {"format": "pt"}}
@@ -283,14 +288,19 @@ def write_safetensors(
         offset += size
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # safetensors pads the header with spaces to 8-byte alignment
+    target_of = dict(entries)
     with open(path, "wb") as out:
         out.write(struct.pack("<Q", len(blob)) + blob)
-        for name, target in entries:
-            data = reader.load([name])[name].contiguous().reshape(-1).view(torch.uint8).numpy()
-            start, end = header[target]["data_offsets"]
+        data_start = out.tell()
+        for name, tensor in reader.iter_tensors(name for name, _ in entries):
+            data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
+            start, end = header[target_of[name]]["data_offsets"]
             if len(data) != end - start:
                 raise CheckpointError(f"{name}: read {len(data)} bytes, the source header says {end - start}")
+            out.seek(data_start + start)
             out.write(data)
+            del tensor, data
+        out.truncate(data_start + offset)
     path.chmod(0o644)  # like the tiny checkpoints: a server running as another user must read it
     return offset
 
@@ -312,21 +322,23 @@ def convert_to_qwen2_5_vl(
     if out.exists() and out.resolve() == src.resolve():
         raise ValueError(f"the output directory must differ from the source: {out}")
     reader = CheckpointReader(src)
-    plan = shard_plan(src, reader)
+    plan = shard_plan(reader)
     config = stock_config(src, reader)
-    meta = tensor_metadata(src, plan)
+    meta = tensor_metadata(reader, plan)
     video_config = video_preprocessor_config(
         config["vision_config"], PreprocessConfig(max_pixels=max_pixels, min_pixels=min_pixels)
     )
 
     out.mkdir(parents=True, exist_ok=True)
-    for stale in [*out.glob("model*.safetensors"), out / INDEX_FILE]:  # vLLM globs *.safetensors
+    # vLLM globs *.safetensors, and would read stale .bin files of a stock checkpoint without them
+    for stale in [*out.glob("model*.safetensors"), out / INDEX_FILE, *out.glob("pytorch_model*.bin")]:
         stale.unlink(missing_ok=True)
+    (out / BIN_INDEX_FILE).unlink(missing_ok=True)
     weight_map, total = {}, 0
     for file, entries in plan.items():
         total += write_safetensors(out / file, reader, entries, meta)
         weight_map.update({target: file for _, target in entries})
-    if (src / INDEX_FILE).is_file():
+    if reader.sharded:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         _write_json(out / INDEX_FILE, index)
 

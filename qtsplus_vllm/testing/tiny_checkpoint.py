@@ -4,9 +4,14 @@ Tests, benchmarks and users without the real weights load and serve these direct
 same code paths as AlpachinoNLP/QTSplus-*: a Qwen2.5-VL *text* config plus the QTS+ fields (and, like
 the release, no ``vision_config`` unless asked), safetensors with the released key names, a byte-level
 BPE tokenizer carrying every Qwen2.5-VL added token, a Qwen2.5-VL-style chat template and the
-Qwen2.5-VL preprocessor config. Nothing is downloaded; the same seed gives byte-identical files.
+Qwen2.5-VL preprocessor config. Nothing is downloaded; the same seed gives byte-identical files
+(safetensors; ``torch.save`` files differ only by the random serialization id torch writes).
 
-    python -m qtsplus_vllm.testing.tiny_checkpoint OUT_DIR [--seed 0] [--sharded] [--tied]
+The weights can also be written as the reference trainer's ``torch.save`` pickles
+(``pytorch_model.bin``, or shards ``pytorch_model-0000i-of-0000n.bin`` + ``pytorch_model.bin.index.json``):
+``weight_format="bin"``.
+
+    python -m qtsplus_vllm.testing.tiny_checkpoint OUT_DIR [--seed 0] [--sharded] [--tied] [--weight-format bin]
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
     Qwen2_5_VLTextModel,
 )
 
-from ..checkpoint import DTYPES, INDEX_FILE, SINGLE_FILE
+from ..checkpoint import BIN_FILE, BIN_INDEX_FILE, DTYPES, INDEX_FILE, SINGLE_FILE
 from ..config import (
     ARCHITECTURE,
     MODEL_TYPE,
@@ -239,26 +244,52 @@ def parameter_shapes(config: QTSplusConfig, vision: dict, tied: bool, projector:
     return shapes
 
 
-def save_weights(out: Path, tensors: dict[str, torch.Tensor], sharded: bool, num_shards: int = 3) -> None:
-    """model.safetensors, or shards + index.
+WEIGHT_FORMATS = ("safetensors", "bin")
+
+
+def weight_files(out: Path) -> list[Path]:
+    """The weight files and indexes of either format in ``out`` (what a rewrite must remove first)."""
+    return [
+        *out.glob("model*.safetensors"),
+        *out.glob("pytorch_model*.bin"),
+        out / INDEX_FILE,
+        out / BIN_INDEX_FILE,
+    ]
+
+
+def save_weights(
+    out: Path,
+    tensors: dict[str, torch.Tensor],
+    sharded: bool,
+    num_shards: int = 3,
+    weight_format: str = "safetensors",
+) -> None:
+    """model.safetensors / pytorch_model.bin, or shards + index, with Hugging Face's file names.
 
     Shards take the sorted keys round-robin, so the LM, the vision tower and the selector each span
-    every shard: readers must then follow the index for any prefix.
+    every shard: readers must then follow the index for any prefix. ``bin`` files are ``torch.save``
+    of a plain {name: tensor} dict, as the reference trainer saves (zip format, so readers can mmap).
     """
+    if weight_format not in WEIGHT_FORMATS:
+        raise ValueError(f"weight_format must be one of {WEIGHT_FORMATS}, got {weight_format!r}")
+    single, index, pattern = {
+        "safetensors": (SINGLE_FILE, INDEX_FILE, "model-{:05d}-of-{:05d}.safetensors"),
+        "bin": (BIN_FILE, BIN_INDEX_FILE, "pytorch_model-{:05d}-of-{:05d}.bin"),
+    }[weight_format]
     names = sorted(tensors)
     if not sharded:
-        weight_map = {name: SINGLE_FILE for name in names}
+        weight_map = {name: single for name in names}
     else:
-        files = [f"model-{i + 1:05d}-of-{num_shards:05d}.safetensors" for i in range(num_shards)]
+        files = [pattern.format(i + 1, num_shards) for i in range(num_shards)]
         weight_map = {name: files[i % num_shards] for i, name in enumerate(names)}
         total = sum(t.numel() * t.element_size() for t in tensors.values())
-        _write_json(out / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
+        _write_json(out / index, {"metadata": {"total_size": total}, "weight_map": weight_map})
     for file in sorted(set(weight_map.values())):
-        save_file(
-            {k: tensors[k] for k in names if weight_map[k] == file},
-            str(out / file),
-            metadata={"format": "pt"},
-        )
+        part = {k: tensors[k] for k in names if weight_map[k] == file}
+        if weight_format == "safetensors":
+            save_file(part, str(out / file), metadata={"format": "pt"})
+        else:
+            torch.save(part, out / file)
         # safetensors creates files 0600: a server running as another user (Docker) could not read them
         (out / file).chmod(0o644)
 
@@ -292,6 +323,7 @@ def write_tiny_checkpoint(
     reencode_layers: int = 1,
     reencode: bool = True,
     with_projector: bool = False,
+    weight_format: str = "safetensors",
 ) -> Path:
     """Write a random-weight QTSplus checkpoint directory (released format) and return its path.
 
@@ -304,7 +336,9 @@ def write_tiny_checkpoint(
     ``vision_config=True``: readers infer heads as hidden / 80). The merger outputs
     ``vision_out_hidden`` (default D); a value other than D needs ``with_projector`` (writes
     ``model.mm_projector.weight`` [D, vision_out_hidden]). ``nmax`` defaults to 256, not the release's
-    2560, so tiny servers profile quickly and the cap can bind in tests.
+    2560, so tiny servers profile quickly and the cap can bind in tests. ``weight_format`` ``"bin"``
+    writes ``torch.save`` pickles (``pytorch_model.bin`` / ``pytorch_model-*.bin`` + index) instead of
+    safetensors, as the reference trainer does.
     Raises ValueError / CheckpointError for inconsistent sizes, before writing anything.
     """
     out_hidden = hidden if vision_out_hidden is None else vision_out_hidden
@@ -316,6 +350,8 @@ def write_tiny_checkpoint(
         )
     if dtype not in DTYPES.values():
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype}")
+    if weight_format not in WEIGHT_FORMATS:
+        raise ValueError(f"weight_format must be one of {WEIGHT_FORMATS}, got {weight_format!r}")
     vision = vision_hyperparams(vision_depth, vision_hidden, vision_intermediate, vision_heads, out_hidden)
     tok = build_tokenizer()
     ids = added_token_ids(tok)
@@ -353,11 +389,12 @@ def write_tiny_checkpoint(
     tensors = {name: init_tensor(name, shape, seed).to(dtype) for name, shape in shapes.items()}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    # Weights left by an earlier write with the other layout would be read instead of (index) or
-    # next to (vLLM globs *.safetensors) the new ones.
-    for stale in [*out.glob("model*.safetensors"), out / INDEX_FILE]:
+    # Weights left by an earlier write with another layout or format would be read instead of (index,
+    # safetensors over bin) or next to (vLLM globs *.safetensors) the new ones. Unlinking also gives the
+    # new files new inodes: a reader still mapping an old file keeps its (unchanged) pages.
+    for stale in weight_files(out):
         stale.unlink(missing_ok=True)
-    save_weights(out, tensors, sharded)
+    save_weights(out, tensors, sharded, weight_format=weight_format)
     _write_json(out / "config.json", config_dict)
     write_tokenizer(out, tok, max_len=config_dict["max_position_embeddings"])
     _write_json(out / "preprocessor_config.json", PREPROCESSOR_CONFIG)
@@ -383,6 +420,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         if name == "dtype":
             parser.add_argument(flag, choices=sorted(DTYPES), default="float32")
+        elif name == "weight_format":
+            parser.add_argument(flag, choices=WEIGHT_FORMATS, default=default)
         elif default is True:
             parser.add_argument("--no-" + flag[2:], dest=name, action="store_false")
         elif default is False:

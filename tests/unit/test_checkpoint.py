@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 
 import pytest
 import torch
@@ -14,6 +16,8 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLTextMod
 
 import qtsplus_vllm.checkpoint as checkpoint_module
 from qtsplus_vllm.checkpoint import (
+    BIN_FILE,
+    BIN_INDEX_FILE,
     INDEX_FILE,
     SINGLE_FILE,
     CheckpointReader,
@@ -28,6 +32,7 @@ from qtsplus_vllm.config import (
     QTSplusConfig,
     resolve_vision_config,
 )
+from qtsplus_vllm.convert import convert_to_qwen2_5_vl
 from qtsplus_vllm.selector import QTSplusSelector
 from qtsplus_vllm.testing.tiny_checkpoint import (
     CHAT_TEMPLATE,
@@ -238,6 +243,215 @@ def test_same_seed_same_bytes_other_seed_other_weights(tmp_path):
     ra, rc = CheckpointReader(a), CheckpointReader(c)
     for name in ra.keys():
         assert not torch.equal(ra.load([name])[name], rc.load([name])[name]), name
+
+
+# ---------------------------------------------------------------- torch.save (.bin) weights
+
+
+class TrainingSettings:
+    """Stands for any non-tensor object a trainer may pickle next to its weights (training_args.bin)."""
+
+    def __init__(self):
+        self.learning_rate = 1e-5
+
+
+class RunsCode:
+    """A pickle payload that calls os.mkdir(marker) when unpickled by a full (unsafe) unpickler."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["single", "sharded"])
+def test_bin_round_trip_equals_safetensors(tiny, tmp_path, sharded):
+    path = write_tiny_checkpoint(tmp_path / "bin", seed=0, weight_format="bin", sharded=sharded)
+    assert not list(path.glob("*.safetensors")) and not (path / INDEX_FILE).exists()
+    if sharded:
+        index = json.loads((path / BIN_INDEX_FILE).read_text())
+        files = sorted(set(index["weight_map"].values()))
+        assert files == [f"pytorch_model-0000{i}-of-00003.bin" for i in (1, 2, 3)]
+        assert files == sorted(p.name for p in path.glob("*.bin"))
+        assert not (path / BIN_FILE).exists()
+        for prefix in ("model.layers.", VISION_PREFIX, SELECTOR_PREFIX):
+            assert len({f for k, f in index["weight_map"].items() if k.startswith(prefix)}) >= 2, prefix
+    else:
+        assert (
+            sorted(p.name for p in path.glob("*.bin")) == [BIN_FILE] and not (path / BIN_INDEX_FILE).exists()
+        )
+    for file in path.glob("*.bin"):  # plain torch.save state dicts that torch's safe loader reads
+        state = torch.load(file, weights_only=True)
+        assert all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())
+        assert file.stat().st_mode & 0o777 == 0o644
+
+    reader, reference = CheckpointReader(path), CheckpointReader(tiny)
+    assert (reader.format, reader.sharded) == ("bin", sharded)
+    assert (reference.format, reference.sharded) == ("safetensors", False)
+    assert reader.keys() == reference.keys()
+    assert reader.shapes() == reference.shapes() and reader.dtype_codes() == reference.dtype_codes()
+    assert reader.dtype() == torch.float32
+    a, b = reader.load(reader.keys()), reference.load(reference.keys())
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)
+    if sharded:
+        assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in a.values())
+    assert (
+        reader.load_prefix(SELECTOR_PREFIX, dtype=torch.bfloat16)["budget.mlp.0.bias"].dtype == torch.bfloat16
+    )
+    validate_checkpoint(load_config(path), reader)
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["single", "sharded"])
+def test_bin_files_are_mapped_weights_only_and_loaded_once_per_call(tmp_path, monkeypatch, sharded):
+    path = write_tiny_checkpoint(tmp_path / "bin", seed=1, weight_format="bin", sharded=sharded)
+    calls: list[tuple[str, dict]] = []
+    real_load = torch.load
+
+    def recording_load(file, *args, **kwargs):
+        calls.append((os.path.basename(file), kwargs))
+        return real_load(file, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", recording_load)
+    reader = CheckpointReader(path)
+    assert len(calls) == (0 if sharded else 1)  # an index needs no load; one file gives its keys
+    calls.clear()
+    selector = reader.load_prefix(SELECTOR_PREFIX)
+    shards = sorted({p.name for p in path.glob("*.bin")})
+    assert sorted(name for name, _ in calls) == shards  # each file once, not once per tensor
+    assert all(kw == {"map_location": "cpu", "weights_only": True, "mmap": True} for _, kw in calls), calls
+    QTSplusSelector.from_config(load_config(path)).load_state_dict(selector)
+    calls.clear()
+    reader.shapes()
+    assert len(calls) == (len(shards) if sharded else 0)  # metadata: once per shard, then cached
+    reader.dtype()
+    reader.shapes(VISION_PREFIX)
+    assert len(calls) == (len(shards) if sharded else 0)
+    # what load returns is a copy, not a view of the memory-mapped file (nor shared with a tied tensor)
+    name = SELECTOR_PREFIX + "budget.mlp.0.bias"
+    first = reader.load([name])[name]
+    first.zero_()
+    assert not torch.equal(reader.load([name])[name], first)
+
+
+def test_safetensors_are_preferred_over_bin(tmp_path):
+    path = write_tiny_checkpoint(tmp_path / "both", seed=1, weight_format="bin", sharded=True)
+    other = write_tiny_checkpoint(tmp_path / "st", seed=2)
+    shutil.copyfile(other / SINGLE_FILE, path / SINGLE_FILE)
+    reader = CheckpointReader(path)
+    assert reader.format == "safetensors" and not reader.sharded
+    name = "model.norm.weight"
+    torch.testing.assert_close(
+        reader.load([name])[name], init_tensor(name, torch.Size([128]), seed=2), rtol=0, atol=0
+    )
+
+
+def test_legacy_torch_save_format_is_read(tiny, tmp_path):
+    # torch.save before 1.6 wrote no zip archive: it cannot be memory-mapped, but is still read weights-only
+    path = write_tiny_checkpoint(tmp_path / "legacy", seed=0, weight_format="bin")
+    state = torch.load(path / BIN_FILE, weights_only=True)
+    torch.save(state, path / BIN_FILE, _use_new_zipfile_serialization=False)
+    reader = CheckpointReader(path)
+    assert reader.keys() == CheckpointReader(tiny).keys()
+    validate_checkpoint(load_config(path), reader)
+    name = "model.norm.weight"
+    torch.testing.assert_close(
+        reader.load([name])[name], CheckpointReader(tiny).load([name])[name], rtol=0, atol=0
+    )
+
+
+@pytest.mark.parametrize("payload", ["code", "object"])
+@pytest.mark.parametrize("sharded", [False, True], ids=["single", "sharded"])
+def test_bin_holding_pickled_objects_is_refused_without_running_them(tmp_path, payload, sharded):
+    path = write_tiny_checkpoint(tmp_path / "m", seed=0, weight_format="bin", sharded=sharded)
+    marker = tmp_path / "code-ran"
+    file = path / ("pytorch_model-00002-of-00003.bin" if sharded else BIN_FILE)
+    state = torch.load(file, weights_only=True)
+    state["model.qts_plus.selector.extra"] = RunsCode(marker) if payload == "code" else TrainingSettings()
+    torch.save(state, file)
+    with pytest.raises(CheckpointError, match=r"pickled objects that are not tensors.*weights_only") as err:
+        validate_checkpoint(load_config(path), CheckpointReader(path))  # reads every shard's metadata
+    assert file.name in str(err.value)
+    assert ("mkdir" if payload == "code" else "TrainingSettings") in str(err.value)
+    assert not marker.exists()  # the payload never ran
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ([torch.zeros(2)], "holds a list, not a state dict"),
+        ({"state_dict": {"model.norm.weight": torch.zeros(2)}}, r"not a flat state dict.*state_dict"),
+        ({"model.norm.weight": torch.zeros(2), "step": 3}, r"not a flat state dict.*step"),
+    ],
+    ids=["list", "nested", "number"],
+)
+def test_bin_that_is_not_a_flat_state_dict_is_refused(tmp_path, content, message):
+    path = tmp_path / "m"
+    path.mkdir()
+    torch.save(content, path / BIN_FILE)
+    with pytest.raises(CheckpointError, match=message):
+        CheckpointReader(path)
+
+
+def test_bin_index_errors_are_named(tmp_path):
+    path = write_tiny_checkpoint(tmp_path / "m", sharded=True, weight_format="bin")
+    index = json.loads((path / BIN_INDEX_FILE).read_text())
+    name = next(k for k, f in index["weight_map"].items() if f.endswith("00001-of-00003.bin"))
+    index["weight_map"][name] = "pytorch_model-00002-of-00003.bin"  # not where the tensor is
+    (path / BIN_INDEX_FILE).write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=re.escape(name)):
+        CheckpointReader(path).load([name])
+    (path / "pytorch_model-00003-of-00003.bin").unlink()
+    with pytest.raises(CheckpointError, match="pytorch_model-00003-of-00003.bin"):
+        CheckpointReader(path)
+    for file in [*path.glob("*.bin"), path / BIN_INDEX_FILE]:
+        file.unlink()
+    with pytest.raises(CheckpointError, match=f"no weights in .*{BIN_FILE}"):
+        CheckpointReader(path)
+
+
+def test_rewriting_a_directory_switches_the_weight_format(tmp_path):
+    path = write_tiny_checkpoint(tmp_path / "m", seed=1, sharded=True, weight_format="bin")
+    write_tiny_checkpoint(path, seed=2)
+    assert not list(path.glob("*.bin")) and not (path / BIN_INDEX_FILE).exists()
+    assert CheckpointReader(path).format == "safetensors"
+    write_tiny_checkpoint(path, seed=3, weight_format="bin")
+    assert not list(path.glob("*.safetensors")) and not (path / INDEX_FILE).exists()
+    assert sorted(p.name for p in path.glob("*.bin")) == [BIN_FILE]
+    name = "model.norm.weight"
+    torch.testing.assert_close(
+        CheckpointReader(path).load([name])[name],
+        init_tensor(name, torch.Size([128]), seed=3),
+        rtol=0,
+        atol=0,
+    )
+    with pytest.raises(ValueError, match="weight_format"):
+        write_tiny_checkpoint(tmp_path / "x", weight_format="pickle")
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["single", "sharded"])
+def test_convert_reads_bin_checkpoints(tmp_path, sharded):
+    # the converter reads through CheckpointReader: a .bin source converts to the same bytes as the
+    # safetensors source with the same weights
+    st = write_tiny_checkpoint(tmp_path / "st", seed=5, sharded=sharded)
+    pt = write_tiny_checkpoint(tmp_path / "pt", seed=5, sharded=sharded, weight_format="bin")
+    out_st, out_pt = (
+        convert_to_qwen2_5_vl(st, tmp_path / "out-st"),
+        convert_to_qwen2_5_vl(pt, tmp_path / "out-pt"),
+    )
+    names = sorted(p.name for p in out_st.iterdir())
+    assert names == sorted(p.name for p in out_pt.iterdir())
+    assert not [n for n in names if n.endswith(".bin") or n == BIN_INDEX_FILE]
+    weights = [n for n in names if n.endswith(".safetensors")]
+    assert weights == (
+        [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)] if sharded else [SINGLE_FILE]
+    )
+    assert (INDEX_FILE in names) == sharded
+    for name in names:
+        assert (out_st / name).read_bytes() == (out_pt / name).read_bytes(), name
+    converted = CheckpointReader(out_pt)
+    assert converted.format == "safetensors" and any(k.startswith("visual.") for k in converted.keys())
 
 
 # ---------------------------------------------------------------- config
@@ -474,6 +688,17 @@ def test_cli_writes_a_loadable_checkpoint(tmp_path, capsys):
     assert (out / INDEX_FILE).exists() and "lm_head.weight" not in reader
     assert reader.dtype() == torch.bfloat16 and config.tie_word_embeddings
     assert config.qts_plus_reencode is False and not reader.shapes(SELECTOR_PREFIX + "reencode_layers.")
+
+
+def test_cli_writes_bin_weights(tmp_path, capsys):
+    out = tmp_path / "cli-bin"
+    assert main([str(out), "--weight-format", "bin", "--sharded"]) == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    reader = CheckpointReader(out)
+    assert (reader.format, reader.sharded) == ("bin", True) and (out / BIN_INDEX_FILE).exists()
+    validate_checkpoint(load_config(out), reader)
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "bad"), "--weight-format", "pickle"])
 
 
 def test_cli_reports_bad_sizes_without_traceback(tmp_path, capsys):
