@@ -1,0 +1,785 @@
+"""GPU evidence in one command: kernel tests, selector on CUDA vs CPU, gate, pipeline, ViT attention, media.
+
+On a bare GPU machine (Python 3.12, torch, Triton, transformers; no vLLM, PyAV or qwen-vl-utils; no
+network) it installs the wheels carried in ``benchmarks/wheels/`` (``scripts/fetch_gpu_wheels.py``
+fetches them here) into a private folder, makes the package importable from the working tree, then
+runs each step in its own time-boxed subprocess inside one overall budget (default 8 minutes):
+
+=================  =====================================================================================
+``kernel_tests``   ``pytest tests/kernels`` (on CUDA the CUDA-only cases run instead of being skipped)
+``selector``       QTSplusSelector.select at 7B shapes on CUDA (torch and Triton paths, fp32 and bf16)
+                   against the CPU fp32 result: n, indices (near-ties allowed), scores, rows
+``score_topk``     ``bench_score_topk.py`` at 3B/7B shapes (gate vs eager vs floor vs LM prefill of M)
+``vit_attention``  the Qwen2.5-VL ViT at 7B shapes on a 10-minute video (grid 300x20x36, 216,000 patches,
+                   M = 54,000) with every attention implementation that runs (qtsplus_vllm.vision):
+                   median ms, peak CUDA memory, error against the first; plus fp32 on a 1-minute video
+``pipeline``       ``bench_pipeline.py --model 7B --minutes 10`` (ViT, selector, prefill n vs M, KV bytes,
+                   decode, follow-up)
+``media``          ``benchmarks/bench_media.py --device ... --minutes 10`` when that script exists (the
+                   long-video media path on the GPU); skipped otherwise
+=================  =====================================================================================
+
+A step that cannot run (CUDA, a package or the script missing, budget spent) is recorded as skipped
+with the reason; a crash or a timeout is recorded as failed with the end of its log. Output (at most
+8 files, what a device call brings back): ``suite.json`` (machine, versions, command, every step's
+status and the targets), one ``<step>.json`` per step, ``suite.png``. A summary table ends stdout.
+
+    python benchmarks/gpu_suite.py                          # GPU, full sizes, into $OUT (or benchmarks/results/)
+    python benchmarks/gpu_suite.py --device cpu --quick     # CPU dry run at tiny sizes (CI runs it)
+    python benchmarks/gpu_suite.py --steps score_topk,vit_attention --budget-s 300
+
+Exit status 0 when no step failed (skips are not failures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from importlib import metadata
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BENCHMARKS = REPO / "benchmarks"
+WHEELS = BENCHMARKS / "wheels"
+SITE = Path(tempfile.gettempdir()) / "qtsplus-gpu-site"
+STEPS = ("kernel_tests", "selector", "score_topk", "vit_attention", "pipeline", "media")
+# per-step time boxes in seconds (full run, --quick); the overall --budget-s caps them further
+TIME_BOX = {
+    "setup": (90, 60),
+    "kernel_tests": (90, 120),
+    "selector": (60, 60),
+    "score_topk": (150, 90),
+    "vit_attention": (100, 60),
+    "pipeline": (170, 120),
+    "media": (120, 60),
+}
+SKIP_EXIT = 75  # a step exits with this after writing {"status": "skipped", "reason": ...}
+MIN_STEP_S = 10
+MAX_FILES = 8
+VERSIONS = ("torch", "triton", "transformers", "av", "qwen-vl-utils", "flash-attn", "vllm", "numpy", "pytest")
+TARGETS = {  # DESIGN §5 / README targets
+    "gate_speedup_vs_eager_min": 5.0,
+    "gate_over_floor_max": 2.0,
+    "gate_fraction_of_prefill_max": 0.01,
+    "ttft_ratio_selected_over_all_max": 0.4,
+}
+TARGET_M = 65536
+
+
+# ----------------------------------------------------------------------------- child side
+
+
+def bootstrap(device: str) -> None:
+    """Make ``qtsplus_vllm`` (with ``qtsplus_vllm.kernels`` = REPO/kernels) importable without installing."""
+    if device == "cpu":  # Triton kernels on CPU tensors run in the interpreter (read at kernel import)
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    sys.path[:0] = [p for p in (str(REPO), str(BENCHMARKS)) if p not in sys.path]
+    import qtsplus_vllm
+
+    try:
+        import qtsplus_vllm.kernels  # noqa: F401  (an installed package maps it already)
+    except ImportError:
+        qtsplus_vllm.__path__.append(str(REPO))  # the kernels package lives at REPO/kernels
+
+
+class Skip(Exception):
+    """The step cannot run here; the message says why."""
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=1, default=str))
+
+
+def cuda_sync(device):
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn, device, warmup: int, iters: int) -> list[float]:
+    """Milliseconds of each of ``iters`` calls after ``warmup`` calls (CUDA events on a GPU)."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(iters):
+        if torch.device(device).type == "cuda":
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize(device)
+            start.record()
+            fn()
+            stop.record()
+            torch.cuda.synchronize(device)
+            samples.append(start.elapsed_time(stop))
+        else:
+            clock = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - clock) * 1e3)
+    return samples
+
+
+def step_kernel_tests(args, tmp: Path) -> dict:
+    import pytest
+    import torch
+
+    junit = tmp / "junit.xml"
+    selection = ["-k", "selector_paths_agree or real_shapes"] if args.quick else []
+    argv = [
+        str(REPO / "tests" / "kernels"),
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        f"--junitxml={junit}",
+        *selection,
+    ]
+    code = pytest.main(argv)
+    cases = []
+    for case in ET.parse(junit).getroot().iter("testcase"):
+        outcome, message = "passed", ""
+        for tag in ("failure", "error", "skipped"):
+            node = case.find(tag)
+            if node is not None:
+                outcome, message = tag if tag != "failure" else "failed", (node.get("message") or "")[:300]
+        cases.append(
+            {
+                "name": case.get("name"),
+                "outcome": outcome,
+                "seconds": float(case.get("time", 0)),
+                "message": message,
+            }
+        )
+    counts = {k: sum(c["outcome"] == k for c in cases) for k in ("passed", "failed", "error", "skipped")}
+    cuda_only = [c for c in cases if c["name"].startswith("test_real_shapes_on_gpu")]
+    return {
+        "ok": code == 0 and counts["failed"] == counts["error"] == 0,
+        "pytest_exit_code": int(code),
+        "command": shlex.join(["python", "-m", "pytest", "tests/kernels", *selection]),
+        "cuda": torch.cuda.is_available(),
+        "counts": counts,
+        "cuda_only": {k: sum(c["outcome"] == k for c in cuda_only) for k in ("passed", "failed", "skipped")},
+        "cases": cases,
+    }
+
+
+def _compare_selections(ref, other, fp32: bool) -> dict:
+    import torch
+
+    ref_idx, idx = set(ref.indices.cpu().tolist()), set(other.indices.cpu().tolist())
+    scores_ref, scores = ref.scores.float().cpu(), other.scores.float().cpu()
+    row = {
+        "n": other.n,
+        "n_reference": ref.n,
+        "rho": other.rho,
+        "rho_reference": ref.rho,
+        "jaccard": len(ref_idx & idx) / max(len(ref_idx | idx), 1),
+        "scores_max_rel_error": (
+            (scores - scores_ref).abs().max() / scores_ref.abs().max().clamp_min(1e-30)
+        ).item(),
+    }
+    if fp32:
+        # near-ties: tokens whose reference score is within tolerance of the cut may swap
+        cut = torch.sort(scores_ref, descending=True).values[ref.n - 1].item()
+        tolerance = 1e-4 * abs(cut) + 1e-9
+        differing = ref_idx ^ idx
+        far = [i for i in differing if abs(scores_ref[i].item() - cut) > tolerance]
+        row.update(indices_differing=len(differing), indices_differing_beyond_ties=len(far))
+        if torch.equal(ref.indices.cpu(), other.indices.cpu()):
+            row["rows_max_abs_error"] = (
+                (ref.embeds.float().cpu() - other.embeds.float().cpu()).abs().max().item()
+            )
+        row["agrees"] = other.n == ref.n and not far
+    return row
+
+
+def step_selector(args, tmp: Path) -> dict:
+    import torch
+    from bench_score_topk import MODELS, random_selector
+
+    from qtsplus_vllm.kernels.score_topk import triton_available
+
+    if args.quick:  # CPU: the Triton path runs in the interpreter against the torch path, tiny shapes
+        shape, m, ell, nmax = (64, 4, 2), 333, 6, 64
+    else:
+        shape, m, ell, nmax = MODELS["7B"][:3], 16384, 32, 2560
+    d, h, hkv = shape
+    selector = random_selector(d, h, hkv, nmax, "cpu", torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    x, q = torch.randn(m, d, generator=gen), torch.randn(ell, d, generator=gen) * 0.02
+    rho = (0.1, 0.1)  # forced keep ratio: n = ceil(0.1 M) (random weights predict no real budget)
+
+    def select(device, dtype, impl):
+        os.environ["QTSPLUS_SELECTOR_IMPL"] = impl
+        sel = selector.to(device=device, dtype=dtype)
+        clock = time.perf_counter()
+        result = sel.select(x.to(device, dtype), q.to(device, dtype), rho_bounds=rho)
+        cuda_sync(device)
+        return result, (time.perf_counter() - clock) * 1e3
+
+    reference, ref_ms = select("cpu", torch.float32, "torch")
+    rows = [
+        {"device": "cpu", "dtype": "float32", "impl": "torch", "ms_first_call": ref_ms, "reference": True}
+    ]
+    device = args.device
+    impls = ["torch"] + (["triton"] if triton_available() else [])
+    cases = [(device, torch.float32, impl) for impl in impls if not (device == "cpu" and impl == "torch")]
+    if device != "cpu":
+        cases += [(device, torch.bfloat16, impl) for impl in impls]
+    for dev, dtype, impl in cases:
+        result, ms = select(dev, dtype, impl)
+        fp32 = dtype == torch.float32
+        rows.append({"device": dev, "dtype": str(dtype).removeprefix("torch."), "impl": impl, "ms_first_call": ms,
+                     **_compare_selections(reference, result, fp32)})  # fmt: skip
+    checked = [r for r in rows if "agrees" in r]
+    return {
+        "ok": bool(checked) and all(r["agrees"] for r in checked),
+        "shape": {"D": d, "H": h, "Hkv": hkv, "M": m, "L": ell, "nmax": nmax, "rho": rho[0]},
+        "criterion": "fp32: same n, indices equal except near-ties (|r - cut| <= 1e-4 |cut|); bf16: reported only",
+        "rows": rows,
+    }
+
+
+def step_score_topk(args, tmp: Path) -> dict:
+    import bench_score_topk
+
+    raw = tmp / "score_topk.json"
+    if args.quick:
+        # CPU: Triton runs in the interpreter; the smallest sizes that still exercise every path
+        argv = ["--device", args.device, "--models", "tiny", "--m", "256", "--l", "8", "--warmup", "0",
+                "--iters", "1", "--no-prefill", "--out", str(raw)]  # fmt: skip
+    else:
+        argv = ["--device", args.device, "--models", "3B,7B", "--m", f"4096,16384,{TARGET_M}", "--l", "16,64",
+                "--warmup", "3", "--iters", "20", "--out", str(raw)]  # fmt: skip
+    sys.argv = ["benchmarks/bench_score_topk.py", *argv]
+    code = bench_score_topk.main(argv)
+    result = json.loads(raw.read_text())
+    return {"ok": code == 0, "argv": argv, "targets": score_topk_targets(result), "result": result}
+
+
+def score_topk_targets(result: dict) -> dict:
+    rows = [r for r in result.get("rows", []) if r.get("model") == "7B" and r.get("M") == TARGET_M]
+    if not rows:
+        return {"checked": False, "reason": f"no 7B row at M = {TARGET_M} (quick or CPU run)"}
+    worst_speedup = min(r["speedup_vs_eager"] for r in rows)
+    worst_floor = max(r["gate_over_floor"] for r in rows)
+    fractions = [r["gate_fraction_of_prefill"] for r in rows if "gate_fraction_of_prefill" in r]
+    out = {
+        "checked": True,
+        "M": TARGET_M,
+        "L": [r["L"] for r in rows],
+        "speedup_vs_eager": worst_speedup,
+        "speedup_vs_eager_pass": worst_speedup >= TARGETS["gate_speedup_vs_eager_min"],
+        "gate_over_floor": worst_floor,
+        "gate_over_floor_pass": worst_floor <= TARGETS["gate_over_floor_max"],
+    }
+    if fractions:
+        out["gate_fraction_of_prefill"] = max(fractions)
+        out["gate_fraction_of_prefill_pass"] = max(fractions) < TARGETS["gate_fraction_of_prefill_max"]
+    return out
+
+
+def step_pipeline(args, tmp: Path) -> dict:
+    try:
+        import av  # noqa: F401
+        import qwen_vl_utils  # noqa: F401
+    except ImportError as exc:
+        raise Skip(f"{exc.name} is missing (carry its wheel: python scripts/fetch_gpu_wheels.py)") from exc
+    import bench_pipeline
+
+    raw = tmp / "pipeline.json"
+    if args.quick:
+        argv = ["--model", "tiny", "--device", args.device, "--minutes", "0.25", "--iters", "1", "--warmup", "0",
+                "--decode-steps", "2", "--height", "120", "--width", "214", "--out", str(raw)]  # fmt: skip
+    else:
+        argv = ["--model", "7B", "--minutes", "10", "--device", args.device, "--iters", "3", "--warmup", "1",
+                "--out", str(raw)]  # fmt: skip
+    code = bench_pipeline.main(argv)
+    result = json.loads(raw.read_text())
+    ratio = result["derived"]["ttft_ratio_selected_over_all"]
+    targets = {"checked": result["settings"]["model"] == "7B" and result["settings"]["minutes"] == 10}
+    if targets["checked"]:
+        targets.update(ttft_ratio=ratio, ttft_ratio_pass=ratio <= TARGETS["ttft_ratio_selected_over_all_max"])
+    else:
+        targets["reason"] = "not the 7B 10-minute run"
+    return {"ok": code == 0, "argv": argv, "targets": targets, "result": result}
+
+
+def random_vit(spec: dict, device, dtype, seed: int = 0):
+    """The Qwen2.5-VL ViT at ``spec`` with random weights, wrapped as serving wraps it."""
+    import torch
+    from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+
+    from qtsplus_vllm.config import VIT_DEFAULTS
+    from qtsplus_vllm.vision import VisionEncoder
+
+    fixed = {k: v for k, v in VIT_DEFAULTS.items() if k not in spec}
+    config = Qwen2_5_VLVisionConfig(**spec, **fixed)
+    config._attn_implementation = "sdpa"
+    with torch.device("meta"):
+        vit = Qwen2_5_VisionTransformerPretrainedModel(config)
+    vit = vit.to_empty(device=device).to(dtype)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in vit.named_parameters():
+            if p.ndim == 1:
+                p.fill_(1.0 if "norm" in name or "ln_" in name else 0.0)
+            else:
+                p.normal_(0.0, p[0].numel() ** -0.5, generator=gen)
+    with torch.device(device):
+        vit.rotary_pos_emb = type(vit.rotary_pos_emb)(config)
+    return VisionEncoder(vit.eval(), attention=None).requires_grad_(False)
+
+
+QWEN25_VIT_7B = dict(depth=32, hidden_size=1280, num_heads=16, intermediate_size=3420,
+                     fullatt_block_indexes=[7, 15, 23, 31], out_hidden_size=3584)  # fmt: skip
+
+
+def _vit_run(spec: dict, device, label: str, dtype, grid: tuple, warmup: int, iters: int) -> list[dict]:
+    """One video through the ViT with each attention implementation (transformers' SDPA loop first)."""
+    import torch
+
+    from qtsplus_vllm.vision import ATTENTION_CHOICES, attention_unavailable, pick_attention
+
+    encoder = random_vit(spec, device, dtype)
+    t, hh, ww = grid
+    gen = torch.Generator(device=device).manual_seed(1)
+    pixels = torch.randn(t * hh * ww, 3 * 2 * 14 * 14, device=device, dtype=dtype, generator=gen)
+    grid_thw = torch.tensor([grid], device=device)
+    auto = pick_attention(device, dtype, "auto")
+    rows, reference = [], None
+    for name in ("sdpa", *[n for n in ATTENTION_CHOICES[1:] if n != "sdpa"]):
+        row = {"run": label, "dtype": str(dtype).removeprefix("torch."), "grid_thw": list(grid),
+               "patches": t * hh * ww, "M": t * hh * ww // 4, "attention": name, "auto_choice": name == auto}  # fmt: skip
+        reason = attention_unavailable(name, device, dtype)
+        if reason is not None:
+            rows.append({**row, "status": "skipped", "reason": reason})
+            continue
+        encoder.set_attention(name)
+        try:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
+                row["memory_before_gib"] = torch.cuda.memory_allocated(device) / 2**30
+            samples = time_ms(lambda: encoder(pixels, grid_thw), device, warmup, iters)
+            out = encoder(pixels, grid_thw).float()
+            if device.type == "cuda":
+                row["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        except Exception as exc:  # e.g. out of memory: record it, go on with the next
+            rows.append({**row, "status": "failed", "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
+            continue
+        row.update(status="ok", median_ms=statistics.median(samples), samples_ms=samples)
+        if reference is None:
+            reference = (name, out)
+        else:
+            row.update(
+                rel_error_vs=reference[0],
+                rel_error=((out - reference[1]).norm() / reference[1].norm()).item(),
+            )
+        rows.append(row)
+    return rows
+
+
+def step_vit_attention(args, tmp: Path) -> dict:
+    import torch
+
+    device = torch.device(args.device)
+    if args.quick:
+        spec = dict(depth=4, hidden_size=160, num_heads=2, intermediate_size=96, fullatt_block_indexes=[3],
+                    out_hidden_size=128)  # fmt: skip
+        runs = [("tiny", torch.float32, (3, 12, 20), 1, 1)]
+    else:
+        spec = QWEN25_VIT_7B  # 10 min, 1 fps, 720p -> 600 frames of 280x504 -> grid (300, 20, 36)
+        runs = [
+            ("7B 10 min", torch.bfloat16, (300, 20, 36), 1, 3),
+            ("7B 1 min fp32", torch.float32, (30, 20, 36), 1, 2),
+        ]
+    rows = []
+    for run in runs:
+        rows += _vit_run(spec, device, *run)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    ok_rows = [r for r in rows if r["status"] == "ok"]
+    tolerance = {"float32": 1e-4, "bfloat16": 3e-2}
+    errors_ok = all(r.get("rel_error", 0.0) <= tolerance[r["dtype"]] for r in ok_rows)
+    return {"ok": bool(ok_rows) and errors_ok and not any(r["status"] == "failed" for r in rows),
+            "vit": spec, "rel_error_tolerance": tolerance, "rows": rows}  # fmt: skip
+
+
+def step_media(args, tmp: Path) -> dict:
+    script = BENCHMARKS / "bench_media.py"
+    if not script.is_file():
+        raise Skip(
+            "no long-video media path on the GPU in this tree yet (benchmarks/bench_media.py is absent)"
+        )
+    import bench_media
+
+    raw = tmp / "media.json"
+    argv = ["--device", args.device, "--minutes", "0.25" if args.quick else "10", "--out", str(raw)]
+    argv += ["--quick"] if args.quick else []
+    code = bench_media.main(argv)
+    return {"ok": code == 0, "argv": argv, "result": json.loads(raw.read_text()) if raw.is_file() else None}
+
+
+STEP_FUNCTIONS = {
+    "kernel_tests": step_kernel_tests,
+    "selector": step_selector,
+    "score_topk": step_score_topk,
+    "vit_attention": step_vit_attention,
+    "pipeline": step_pipeline,
+    "media": step_media,
+}
+
+
+def run_step(args) -> int:
+    """Child: run one step in this process, write <out>/<step>.json; exit 0 ok, 1 failed, 75 skipped."""
+    out = args.out / f"{args.run_step}.json"
+    clock = time.perf_counter()
+    try:
+        if args.device != "cpu":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise Skip(f"--device {args.device} but torch {torch.__version__} sees no CUDA device")
+        bootstrap(args.device)
+        with tempfile.TemporaryDirectory(prefix=f"qtsplus-{args.run_step}-") as tmp:
+            data = STEP_FUNCTIONS[args.run_step](args, Path(tmp))
+        status = "ok" if data.pop("ok") else "failed"
+    except Skip as skip:
+        data, status = {"reason": str(skip)}, "skipped"
+    write_json(
+        out, {"step": args.run_step, "status": status, "step_seconds": time.perf_counter() - clock, **data}
+    )
+    return {"ok": 0, "failed": 1, "skipped": SKIP_EXIT}[status]
+
+
+# ----------------------------------------------------------------------------- parent side
+
+
+def missing_modules(names=("av", "qwen_vl_utils")) -> list[str]:
+    from importlib.util import find_spec
+
+    return [n for n in names if find_spec(n) is None]
+
+
+def setup(args, env: dict) -> dict:
+    """Install the carried wheels into SITE when a module the steps import is missing."""
+    clock = time.perf_counter()
+    missing = missing_modules()
+    record = {"step": "setup", "missing_before": missing, "wheels": []}
+    wheels = sorted(args.wheels.glob("*.whl")) if args.wheels.is_dir() else []
+    if not missing:
+        record.update(status="ok", note="nothing to install: PyAV and qwen-vl-utils import here")
+    elif not wheels:
+        record.update(status="skipped", reason=f"{missing} missing and no wheels in {args.wheels} "
+                      "(run scripts/fetch_gpu_wheels.py here and carry benchmarks/wheels)")  # fmt: skip
+    else:
+        cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+               "--no-cache-dir", "--upgrade", "--target", str(args.site), *map(str, wheels)]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIME_BOX["setup"][args.quick])
+        record.update(command=shlex.join(cmd), wheels=[w.name for w in wheels], returncode=proc.returncode)
+        record.update(
+            status="ok" if proc.returncode == 0 else "failed", log_tail=(proc.stdout + proc.stderr)[-2000:]
+        )
+    if record["status"] == "ok" and missing:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(args.site), env.get("PYTHONPATH")]))
+    record["seconds"] = time.perf_counter() - clock
+    return record
+
+
+def run_child(name: str, args, env: dict, timeout: float) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--run-step", name, "--device", args.device,
+           "--out", str(args.out), *(["--quick"] if args.quick else [])]  # fmt: skip
+    clock = time.perf_counter()
+    with tempfile.TemporaryFile(mode="w+", errors="replace") as log:
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            code = None
+        log.seek(0)
+        tail = log.read()[-4000:]
+    seconds = time.perf_counter() - clock
+    path = args.out / f"{name}.json"
+    data = json.loads(path.read_text()) if path.is_file() and code is not None else {"step": name}
+    if code is None:
+        data.update(status="failed", reason=f"timed out after {timeout:.0f} s")
+    elif code not in (0, 1, SKIP_EXIT) or "status" not in data:
+        data.update(status="failed", reason=f"exit status {code}")
+    data.update(seconds=seconds, timeout_s=timeout, returncode=code, log_tail=tail)
+    write_json(path, data)
+    print(
+        f"[{name}] {data['status']} in {seconds:.1f} s" + (f": {data['reason']}" if "reason" in data else ""),
+        flush=True,
+    )
+    return data
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version()}
+    for name in VERSIONS:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[name] = metadata.version(name)
+    return out
+
+
+def machine(device: str) -> dict:
+    info = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "device": device}
+    if device != "cpu":
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            query = "--query-gpu=name,memory.total,driver_version"
+            info["gpu"] = subprocess.run(["nvidia-smi", query, "--format=csv,noheader"], capture_output=True,
+                                         text=True, timeout=20).stdout.strip()  # fmt: skip
+    return info
+
+
+def git_sha() -> str:
+    with contextlib.suppress(OSError, subprocess.CalledProcessError):
+        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=REPO, text=True).strip()
+    return "unknown"
+
+
+def headline(name: str, data: dict) -> str:
+    """One line of key figures per step for the summary table."""
+    if data.get("status") != "ok" and "reason" in data:
+        return data["reason"][:100]
+    with contextlib.suppress(KeyError, TypeError, ValueError, IndexError):
+        if name == "setup":
+            return ", ".join(data["wheels"]) or data.get("note", "")
+        if name == "kernel_tests":
+            c, g = data["counts"], data["cuda_only"]
+            return f"{c['passed']} passed, {c['failed'] + c['error']} failed, {c['skipped']} skipped; CUDA-only {g}"
+        if name == "selector":
+            checked = [r for r in data["rows"] if "agrees" in r]
+            fp32 = f"fp32 agrees with CPU fp32: {sum(r['agrees'] for r in checked)}/{len(checked)}"
+            bf16 = [
+                f"{r['impl']} bf16 jaccard {r['jaccard']:.3f}"
+                for r in data["rows"]
+                if r["dtype"] == "bfloat16"
+            ]
+            return "; ".join([fp32, *bf16])
+        if name == "score_topk":
+            rows = data["result"]["rows"]
+            big = max(rows, key=lambda r: (r["model"] == "7B", r["M"], r["L"]))
+            return (f"{big['model']} M={big['M']} L={big['L']}: triton {big['triton_ms']:.3f} ms, "
+                    f"x{big['speedup_vs_eager']:.1f} vs eager, {big['gate_over_floor']:.2f}x floor")  # fmt: skip
+        if name == "vit_attention":
+            ok = [r for r in data["rows"] if r["status"] == "ok"]
+            return "; ".join(f"{r['run']} {r['attention']} {r['median_ms']:.0f} ms"
+                             + (f" {r['peak_memory_gib']:.1f} GiB" if "peak_memory_gib" in r else "") for r in ok)  # fmt: skip
+        if name == "pipeline":
+            d, v = data["result"]["derived"], data["result"]["video"]
+            return (f"M={v['M']} n={v['n']}: TTFT {d['ttft_selected_ms']:.0f} vs {d['ttft_all_ms']:.0f} ms "
+                    f"(x{d['ttft_ratio_selected_over_all']:.3f}); vit {data['result']['implementations']['vit_attention']}")  # fmt: skip
+    return ""
+
+
+def target_lines(steps: dict) -> list[tuple[str, str, str]]:
+    lines = []
+    gate = steps.get("score_topk", {}).get("targets", {})
+    pipe = steps.get("pipeline", {}).get("targets", {})
+
+    def verdict(flag):
+        return "n/a" if flag is None else ("PASS" if flag else "FAIL")
+
+    if gate.get("checked"):
+        lines.append((f"gate >= {TARGETS['gate_speedup_vs_eager_min']:g}x eager (7B, M={TARGET_M})",
+                      f"x{gate['speedup_vs_eager']:.1f}", verdict(gate["speedup_vs_eager_pass"])))  # fmt: skip
+        lines.append((f"gate <= {TARGETS['gate_over_floor_max']:g}x its floor", f"{gate['gate_over_floor']:.2f}x",
+                      verdict(gate["gate_over_floor_pass"])))  # fmt: skip
+        if "gate_fraction_of_prefill" in gate:
+            lines.append(("gate < 1 % of prefill of M", f"{100 * gate['gate_fraction_of_prefill']:.3f} %",
+                          verdict(gate["gate_fraction_of_prefill_pass"])))  # fmt: skip
+    else:
+        lines.append(("gate targets (7B, M=65536)", "-", "n/a: " + gate.get("reason", "step did not run")))
+    if pipe.get("checked"):
+        lines.append((f"TTFT selected / all <= {TARGETS['ttft_ratio_selected_over_all_max']:g} (7B, 10 min)",
+                      f"{pipe['ttft_ratio']:.3f}", verdict(pipe["ttft_ratio_pass"])))  # fmt: skip
+    else:
+        lines.append(("TTFT target (7B, 10 min)", "-", "n/a: " + pipe.get("reason", "step did not run")))
+    return lines
+
+
+def plot(steps: dict, path: Path) -> str | None:
+    """suite.png: gate vs M, ViT attention implementations, pipeline TTFT; None when nothing to draw."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed"
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
+    gate, vit, pipe = (steps.get(k, {}) for k in ("score_topk", "vit_attention", "pipeline"))
+    ax = axes[0]
+    if gate.get("status") == "ok":
+        rows = gate["result"]["rows"]
+        ell = max(r["L"] for r in rows)
+        for model in sorted({r["model"] for r in rows}):
+            pts = sorted((r for r in rows if r["model"] == model and r["L"] == ell), key=lambda r: r["M"])
+            ms = [r["M"] for r in pts]
+            for key, style in (("eager_ms", "--"), ("triton_ms", "-"), ("prefill_ms", ":")):
+                if all(key in r for r in pts):
+                    ax.plot(ms, [r[key] for r in pts], style, marker="o", label=f"{model} {key[:-3]}")
+            ax.plot(ms, [r["floor"]["ms"] for r in pts], "-.", label=f"{model} floor")
+        ax.set(
+            xscale="log", yscale="log", xlabel="M visual tokens", ylabel="ms", title=f"QTS+ gate (L={ell})"
+        )
+        ax.legend(fontsize=7)
+    else:
+        ax.set_title("gate: " + gate.get("status", "not run"))
+    ax = axes[1]
+    ok = [r for r in vit.get("rows", []) if r["status"] == "ok"]
+    if ok:
+        labels = [f"{r['run']}\n{r['attention']}" for r in ok]
+        bars = ax.bar(range(len(ok)), [r["median_ms"] for r in ok])
+        for bar, r in zip(bars, ok, strict=True):
+            if "peak_memory_gib" in r:
+                ax.annotate(f"{r['peak_memory_gib']:.1f} GiB", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                            ha="center", va="bottom", fontsize=7)  # fmt: skip
+        ax.set_xticks(range(len(ok)), labels, fontsize=6, rotation=30, ha="right")
+        ax.set(yscale="log", ylabel="ms (median)", title="ViT forward by attention implementation")
+    else:
+        ax.set_title("ViT attention: " + vit.get("status", "not run"))
+    ax = axes[2]
+    if pipe.get("status") == "ok":
+        stages = {k: v["median_ms"] for k, v in pipe["result"]["stages"].items()}
+        shared = ["decode_sampling", "preprocess", "vit"]
+        columns = {
+            "selected": [*shared, "selector", "prefill_selected"],
+            "all tokens": [*shared, "prefill_all"],
+        }
+        for i, parts in enumerate(columns.values()):
+            bottom = 0.0
+            for part in parts:
+                ax.bar(
+                    i, stages[part], bottom=bottom, label=part if i == 0 or part == "prefill_all" else None
+                )
+                bottom += stages[part]
+        ax.set_xticks([0, 1], list(columns))
+        ax.set(
+            ylabel="ms",
+            title=f"TTFT, {pipe['result']['settings']['model']} {pipe['result']['settings']['minutes']:g} min",
+        )
+        ax.legend(fontsize=7)
+    else:
+        ax.set_title("pipeline: " + pipe.get("status", "not run"))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", help="cuda (default when a GPU is visible) or cpu")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a dry run of every step (CPU CI)")
+    parser.add_argument(
+        "--out", type=Path, help="output folder (default: $OUT, else benchmarks/results/gpu-suite-...)"
+    )
+    parser.add_argument(
+        "--steps", default=",".join(STEPS), help=f"comma-separated subset of {','.join(STEPS)}"
+    )
+    parser.add_argument(
+        "--budget-s", type=float, help="overall seconds for all steps (default 480; --quick 300)"
+    )
+    parser.add_argument("--wheels", type=Path, default=WHEELS, help="folder of carried wheels")
+    parser.add_argument("--site", type=Path, default=SITE, help="where the wheels are installed")
+    parser.add_argument("--run-step", choices=STEPS, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.device is None:
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.run_step:
+        return run_step(args)
+
+    clock = time.perf_counter()
+    budget = args.budget_s or (300.0 if args.quick else 480.0)
+    steps = [s.strip() for s in args.steps.split(",") if s.strip()]
+    unknown = sorted(set(steps) - set(STEPS))
+    if unknown:
+        parser.error(f"unknown steps {unknown}; choose from {', '.join(STEPS)}")
+    if args.out is None:
+        args.out = Path(os.environ["OUT"]) if os.environ.get("OUT") else (
+            BENCHMARKS / "results" / f"gpu-suite-{args.device}{'-quick' if args.quick else ''}-{time.strftime('%Y%m%d-%H%M%S')}")  # fmt: skip
+    args.out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("QTSPLUS_SELECTOR_IMPL", None)
+    env.pop("QTSPLUS_VIT_ATTENTION", None)
+
+    results = {"setup": setup(args, env)}
+    print(f"[setup] {results['setup']['status']}: {headline('setup', results['setup'])}", flush=True)
+    for name in STEPS:
+        if name not in steps:
+            continue
+        left = budget - (time.perf_counter() - clock)
+        if left < MIN_STEP_S:
+            results[name] = {
+                "step": name,
+                "status": "skipped",
+                "reason": f"suite budget of {budget:.0f} s spent",
+            }
+            write_json(args.out / f"{name}.json", results[name])
+            continue
+        results[name] = run_child(name, args, env, min(TIME_BOX[name][args.quick], left))
+
+    summary = {
+        "benchmark": "gpu_suite",
+        "command": shlex.join(
+            ["python", "benchmarks/gpu_suite.py", *(sys.argv[1:] if argv is None else argv)]
+        ),
+        "git_sha": git_sha(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": machine(args.device),
+        "versions": versions(),
+        "quick": args.quick,
+        "budget_s": budget,
+        "targets": TARGETS,
+        "steps": {
+            k: {f: v[f] for f in ("status", "seconds", "reason") if f in v} for k, v in results.items()
+        },
+        "target_checks": [
+            dict(zip(("target", "measured", "verdict"), line, strict=True)) for line in target_lines(results)
+        ],
+        "setup": results["setup"],
+    }
+    problem = plot(results, args.out / "suite.png")
+    if problem:
+        summary["plot"] = problem
+    summary["wall_s"] = time.perf_counter() - clock
+    write_json(args.out / "suite.json", summary)
+    files = sorted(p.name for p in args.out.iterdir())
+    print(f"\nGPU suite on {summary['machine'].get('gpu') or args.device}{' (quick)' if args.quick else ''}, "
+          f"{summary['wall_s']:.0f} s, {len(files)} files in {args.out}")  # fmt: skip
+    if len(files) > MAX_FILES:
+        print(f"warning: {len(files)} files; a device call brings back at most {MAX_FILES}")
+    print(f"{'step':<15}{'status':<9}{'seconds':>8}  key figures")
+    for name, data in results.items():
+        print(f"{name:<15}{data['status']:<9}{data.get('seconds', 0.0):>8.1f}  {headline(name, data)}")
+    print("targets:")
+    for target, measured, verdict in target_lines(results):
+        print(f"  {target:<52}{measured:>12}  {verdict}")
+    return 1 if any(d["status"] == "failed" for d in results.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
