@@ -713,7 +713,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_step(args)
 
     clock = time.perf_counter()
-    budget = args.budget_s or (300.0 if args.quick else 480.0)
+    budget = args.budget_s if args.budget_s is not None else (300.0 if args.quick else 480.0)
     steps = [s.strip() for s in args.steps.split(",") if s.strip()]
     unknown = sorted(set(steps) - set(STEPS))
     if unknown:

@@ -1,0 +1,228 @@
+"""benchmarks/gpu_suite.py (CPU dry run of every step) and scripts/fetch_gpu_wheels.py (budget, no network)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SUITE = REPO / "benchmarks" / "gpu_suite.py"
+sys.path[:0] = [str(REPO / "benchmarks"), str(REPO / "scripts")]
+
+import fetch_gpu_wheels  # noqa: E402
+import gpu_suite  # noqa: E402
+
+RAN = ("kernel_tests", "selector", "score_topk", "vit_attention", "pipeline")
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    """The real command at tiny sizes on the CPU: every step runs its real code (~1 min on 2 cores)."""
+    out = tmp_path_factory.mktemp("suite")
+    env = {k: v for k, v in os.environ.items() if k not in ("OUT", "QTSPLUS_VIT_ATTENTION")}
+    proc = subprocess.run(
+        [sys.executable, str(SUITE), "--device", "cpu", "--quick", "--out", str(out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    return proc, out
+
+
+def test_dry_run_runs_every_step_and_writes_at_most_eight_files(dry_run):
+    proc, out = dry_run
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) <= gpu_suite.MAX_FILES
+    assert {"suite.json", "suite.png", *(f"{s}.json" for s in gpu_suite.STEPS)} == set(files)
+    summary = json.loads((out / "suite.json").read_text())
+    assert summary["quick"] and summary["machine"]["device"] == "cpu"
+    for step in RAN:
+        assert summary["steps"][step]["status"] == "ok", (
+            step,
+            json.loads((out / f"{step}.json").read_text()),
+        )
+    assert summary["steps"]["media"]["status"] == "skipped"
+    assert "bench_media.py" in summary["steps"]["media"]["reason"]
+    assert "step" in proc.stdout and "targets:" in proc.stdout and "vit_attention" in proc.stdout
+    assert [c["verdict"].split(":")[0] for c in summary["target_checks"]] == ["n/a", "n/a"]  # no GPU figures
+
+
+def test_dry_run_step_contents(dry_run):
+    _, out = dry_run
+    kernels = json.loads((out / "kernel_tests.json").read_text())
+    assert kernels["counts"]["passed"] >= 1 and kernels["counts"]["failed"] == 0
+    assert kernels["cuda_only"]["skipped"] == 4  # the CUDA-only cases a GPU run executes
+    selector = json.loads((out / "selector.json").read_text())
+    assert [r["agrees"] for r in selector["rows"] if "agrees" in r] == [True]  # Triton (interpreter) == torch
+    gate = json.loads((out / "score_topk.json").read_text())
+    assert gate["result"]["rows"] and gate["targets"]["checked"] is False
+    vit = {r["attention"]: r for r in json.loads((out / "vit_attention.json").read_text())["rows"]}
+    assert vit["sdpa"]["status"] == vit["sdpa_padded"]["status"] == "ok"
+    assert vit["sdpa_padded"]["rel_error"] <= 1e-5 and vit["sdpa"]["auto_choice"]
+    assert all(
+        vit[k]["status"] == "skipped" and "CUDA" in vit[k]["reason"] for k in ("torch_varlen", "flash_attn")
+    )
+    pipeline = json.loads((out / "pipeline.json").read_text())
+    assert pipeline["result"]["derived"]["ttft_all_ms"] > 0 and pipeline["targets"]["checked"] is False
+
+
+def test_budget_spent_and_timeouts_are_recorded_not_fatal(tmp_path, monkeypatch):
+    assert (
+        gpu_suite.main(["--device", "cpu", "--quick", "--budget-s", "0", "--out", str(tmp_path / "a")]) == 0
+    )
+    summary = json.loads((tmp_path / "a" / "suite.json").read_text())
+    assert all(
+        s["status"] == "skipped" and "budget" in s["reason"]
+        for k, s in summary["steps"].items()
+        if k != "setup"
+    )
+
+    monkeypatch.setitem(
+        gpu_suite.TIME_BOX, "kernel_tests", (1, 1)
+    )  # cannot even import pytest + torch in 1 s
+    out = tmp_path / "b"
+    assert (
+        gpu_suite.main(["--device", "cpu", "--quick", "--steps", "kernel_tests,media", "--out", str(out)])
+        == 1
+    )
+    step = json.loads((out / "kernel_tests.json").read_text())
+    assert step["status"] == "failed" and "timed out" in step["reason"]
+    assert json.loads((out / "media.json").read_text())["status"] == "skipped"
+
+
+def _fake_wheel(folder: Path, name: str = "qtsplusfake", version: str = "0.1") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}-{version}-py3-none-any.whl"
+    info = f"{name}-{version}.dist-info"
+    files = {
+        f"{name}/__init__.py": "VALUE = 42\n",
+        f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+        f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    with zipfile.ZipFile(path, "w") as z:
+        for arc, text in files.items():
+            z.writestr(arc, text)
+        z.writestr(f"{info}/RECORD", "".join(f"{arc},,\n" for arc in [*files, f"{info}/RECORD"]))
+    return path
+
+
+def test_setup_installs_carried_wheels_for_the_steps(tmp_path, monkeypatch):
+    wheels = tmp_path / "wheels"
+    monkeypatch.setattr(gpu_suite, "missing_modules", lambda: ["qtsplusfake"])
+    args = gpu_suite.argparse.Namespace(wheels=wheels, site=tmp_path / "site", quick=True)
+    env = {"PATH": os.environ["PATH"]}
+    record = gpu_suite.setup(args, env)
+    assert (
+        record["status"] == "skipped" and "fetch_gpu_wheels" in record["reason"] and "PYTHONPATH" not in env
+    )
+
+    _fake_wheel(wheels)
+    record = gpu_suite.setup(args, env)
+    assert record["status"] == "ok" and record["wheels"] == ["qtsplusfake-0.1-py3-none-any.whl"]
+    got = subprocess.run([sys.executable, "-c", "import qtsplusfake; print(qtsplusfake.VALUE)"], env=env,
+                         capture_output=True, text=True)  # fmt: skip
+    assert got.stdout.strip() == "42", got.stderr
+
+
+def test_suite_imports_need_only_the_image_and_the_pinned_wheels():
+    """vLLM, blake3 and flash-attn are not on the GPU image: nothing the suite runs may import them."""
+    manifest = fetch_gpu_wheels.load_manifest()
+    pinned = {w["filename"].split("-")[0].lower() for w in manifest["wheels"]}
+    assert pinned == {"av", "qwen_vl_utils"} == set(gpu_suite.missing_modules.__defaults__[0])
+    code = (
+        "import sys\n"
+        "for name in ('vllm', 'blake3', 'flash_attn'): sys.modules[name] = None\n"
+        f"sys.path[:0] = [{str(REPO)!r}, {str(REPO / 'benchmarks')!r}]\n"
+        "import gpu_suite; gpu_suite.bootstrap('cpu')\n"
+        "import bench_pipeline, bench_score_topk, qtsplus_vllm.vision, qtsplus_vllm.kernels.score_topk\n"
+        "import torch\n"
+        "from qtsplus_vllm.vision import pick_attention\n"
+        "assert pick_attention('cpu', torch.float32) == 'sdpa'\n"
+        "print('ok')\n"
+    )
+    got = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True, timeout=300)
+    assert got.stdout.strip().endswith("ok"), got.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------- the wheel helper
+
+
+def test_wheel_dry_run_is_within_budget_without_network(monkeypatch, capsys):
+    monkeypatch.setattr(fetch_gpu_wheels, "download", lambda *a: pytest.fail("--dry-run must not download"))
+    assert fetch_gpu_wheels.main(["--dry-run", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    manifest = fetch_gpu_wheels.load_manifest()
+    assert report["wheel_bytes"] == sum(w["size"] for w in manifest["wheels"])
+    assert report["within_budget"] and report["limit_bytes"] == 64 * 2**20 and not report["problems"]
+    assert 0 < report["tree_bytes"] < 16 * 2**20
+
+
+def _git_repo(root: Path) -> Path:
+    subprocess.run(["git", "init", "-q", str(root)], check=True)
+    (root / ".gitignore").write_text("wheels/\nbig.bin\n")
+    (root / "tracked.txt").write_bytes(b"x" * 300_000)
+    subprocess.run(["git", "-C", str(root), "add", "tracked.txt", ".gitignore"], check=True)
+    (root / "untracked.txt").write_bytes(b"y" * 200_000)  # travels too
+    (root / "big.bin").write_bytes(b"z" * 5_000_000)  # ignored: does not travel
+    return root
+
+
+def _manifest(path: Path, wheels: list[Path], budget: int) -> Path:
+    entries = [
+        {"requirement": w.name.split("-")[0] + "==0.1", "filename": w.name, "size": w.stat().st_size,
+         "sha256": hashlib.sha256(w.read_bytes()).hexdigest()}
+        for w in wheels
+    ]  # fmt: skip
+    path.write_text(
+        json.dumps({"python_version": "3.12", "platforms": [], "budget_bytes": budget, "wheels": entries})
+    )
+    return path
+
+
+def test_wheel_check_counts_tree_and_wheels_against_the_budget(tmp_path, capsys):
+    repo = _git_repo(tmp_path / "repo")
+    dest = repo / "wheels"
+    wheel = _fake_wheel(dest)
+    with open(wheel, "ab") as f:  # a wheel of ~1 MiB
+        f.write(os.urandom(2**20))
+    tree = fetch_gpu_wheels.tree_bytes(repo)
+    assert tree == 300_000 + 200_000 + len("wheels/\nbig.bin\n")
+    common = ["--check", "--repo", str(repo), "--dest", str(dest), "--margin-mib", "0", "--json"]
+
+    fits = _manifest(tmp_path / "m1.json", [wheel], budget=tree + wheel.stat().st_size)
+    assert fetch_gpu_wheels.main([*common, "--manifest", str(fits)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["total_bytes"] == tree + wheel.stat().st_size and report["within_budget"]
+
+    over = _manifest(tmp_path / "m2.json", [wheel], budget=tree + wheel.stat().st_size - 1)
+    assert fetch_gpu_wheels.main([*common, "--manifest", str(over)]) == 1
+    assert not json.loads(capsys.readouterr().out)["within_budget"]
+
+    stray = _fake_wheel(dest, "other", "2.0")
+    assert fetch_gpu_wheels.main([*common, "--manifest", str(fits)]) == 1
+    assert any("stray wheel" in p for p in json.loads(capsys.readouterr().out)["problems"])
+    stray.unlink()
+
+    wheel.write_bytes(b"tampered")
+    assert fetch_gpu_wheels.main([*common, "--manifest", str(fits)]) == 1
+    assert any("not the pinned file" in p for p in json.loads(capsys.readouterr().out)["problems"])
+
+
+def test_wheel_folder_must_be_git_ignored(tmp_path, capsys):
+    repo = _git_repo(tmp_path / "repo")
+    dest = repo / "carried"  # not in .gitignore
+    manifest = _manifest(tmp_path / "m.json", [], budget=64 * 2**20)
+    args = ["--dry-run", "--repo", str(repo), "--dest", str(dest), "--manifest", str(manifest), "--json"]
+    assert fetch_gpu_wheels.main(args) == 1
+    assert any("not git-ignored" in p for p in json.loads(capsys.readouterr().out)["problems"])
+    assert fetch_gpu_wheels.is_ignored(REPO / "benchmarks" / "wheels", REPO)
