@@ -33,7 +33,6 @@ import functools
 import math
 import os
 import re
-import struct
 from datetime import timedelta
 
 import numpy as np
@@ -81,14 +80,6 @@ MARKUP = re.compile(r"<\|[a-z_]+\|>")
 # -- video seeds and mutations -------------------------------------------------------------------
 
 
-def understate_frame_count(avi: bytes, frames: int) -> bytes:
-    """``avi`` with main and stream headers (``avih``, ``strh``) that claim ``frames`` frames."""
-    data = bytearray(avi)
-    struct.pack_into("<I", data, data.index(b"avih") + 24, frames)
-    struct.pack_into("<I", data, data.index(b"strh") + 40, frames)
-    return bytes(data)
-
-
 @functools.cache
 def seed_files() -> dict[str, bytes]:
     """Small valid and hostile files: each decodes (or fails) in milliseconds."""
@@ -99,7 +90,7 @@ def seed_files() -> dict[str, bytes]:
         "h264_one_frame": make_video_bytes(frames=1, size=(32, 32), fps=4.0, seed=2),
         "png_mov_odd_size": hostile.flat_video(8, (33, 17)),
         "mjpeg_avi": mjpeg_avi,
-        "mjpeg_avi_understated": understate_frame_count(mjpeg_avi, 2),
+        "mjpeg_avi_understated": hostile.understate_frame_count(mjpeg_avi, 2),
         "ffv1_mkv": hostile.encode_frames(smooth, codec="ffv1", container_format="matroska", pix_fmt="bgr0"),
         "gif": hostile.encode_frames(smooth, codec="gif", container_format="gif", pix_fmt="rgb8"),
         "truncated_mp4": hostile.truncated_mp4(0.5),
@@ -202,7 +193,7 @@ sampling_kwargs = st.fixed_dictionaries(
         "num_frames": st.integers(-1, 64),
         "video_backend": st.just(LOADER_NAME),
     },
-).map(lambda kw: {**kw, "min_frames": 1} if kw.get("max_frames", 4) < 4 else kw)
+)  # max_frames 2 and 3 alone are valid: min_frames follows max_frames down
 
 
 @st.composite
@@ -337,6 +328,9 @@ def test_sampling_kwargs(kwargs):
     ),
     seed=st.sampled_from(["h264_mp4", "h264_one_frame"]),
 )
+@example(kwargs={"max_frames": 2}, seed="h264_mp4")
+@example(kwargs={"max_frames": 3.0, "fps": 30.0}, seed="h264_mp4")
+@example(kwargs={"max_frames": 3, "min_frames": 3}, seed="h264_one_frame")
 def test_loader_kwargs(kwargs, seed):
     try:
         loaded = QTSplusVideoLoader.load_bytes(seed_files()[seed], num_frames=32, **kwargs)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from qtsplus_vllm.limits import LimitExceeded, Limits
+from qtsplus_vllm.limits import REFERENCE_WORST_CASE_VIT_PATCHES, LimitExceeded, Limits
 from qtsplus_vllm.options import parse_options
 from qtsplus_vllm.testing import hostile
 from qtsplus_vllm.testing.videos import make_video_bytes
@@ -107,3 +107,68 @@ def test_tiny_and_single_frame_videos_decode():
     dot = decode_video(hostile.flat_video(4, (1, 1)), SamplingConfig(), Limits())
     assert dot.frames.shape[1:3] == (1, 1)
     assert preprocess_frames(dot.frames).num_visual_tokens > 0
+
+
+def _grows_past_max_pixels_possible(height: int, width: int) -> bool:
+    """Whether smart_resize may take its min_pixels branch for this source (a necessary condition).
+
+    Only that branch can end above max_pixels: the max branch floors both sides of a frame scaled
+    to max_pixels, and the untouched branch is within [min_pixels, max_pixels]. It is taken when
+    the sides rounded to 28 (each at least 28) cover less than min_pixels; rounding moves a side
+    by at most 14, hence this bound.
+    """
+    return max(28, height - 14) * max(28, width - 14) < PreprocessConfig().min_pixels
+
+
+def test_reference_settings_worst_case_vit_patches():
+    """The README's number: the most ViT patches of any video at the reference settings.
+
+    fps 1, 768 frames, max_pixels 360*420, min_pixels 128*28², any frame size up to
+    QTSPLUS_DECODE_MAX_PIXELS (larger frames are scaled to it before resizing) and any aspect
+    ratio up to 200:1; the default QTSPLUS_MAX_VIT_PATCHES admits all of them.
+    """
+    config = parse_options({}).preprocess_config()
+    assert (config.max_pixels, config.min_pixels) == (360 * 420, 128 * 28 * 28)
+    # frames within max_pixels' reach: at most max_pixels each, quantised to the 28-pixel grid
+    assert vit_patch_count(768, 360, 420, config) == 276_480
+    assert vit_patch_count(768, 480, 640, config) == 294_912  # 4:3
+    assert vit_patch_count(768, 1080, 1920, config) <= 294_912
+    worst, where = 0, None
+    for height in range(1, 400):
+        for width in range(height, 200 * height + 1):
+            if not _grows_past_max_pixels_possible(height, width):
+                break
+            patches = vit_patch_count(768, height, width, config)
+            if patches > worst:
+                worst, where = patches, (height, width)
+    # outside the min_pixels branch a frame is at most max_pixels: 192 merge windows per frame
+    assert worst > 768 // 2 * 4 * (config.max_pixels // (28 * 28))
+    assert (worst, where) == (REFERENCE_WORST_CASE_VIT_PATCHES, (19, 2432)) == (396_288, (19, 2432))
+    assert Limits().max_vit_patches >= REFERENCE_WORST_CASE_VIT_PATCHES
+    Limits().check_vit_patches(worst)
+    # fewer frames never need more patches per frame (the total_pixels share only grows)
+    assert vit_patch_count(2, 19, 2432, config) * 384 == worst
+
+
+@pytest.mark.parametrize("value", ["1"])
+def test_a_frame_limit_under_two_is_refused_with_a_clear_message(value):
+    with pytest.raises(
+        ValueError, match=r"QTSPLUS_MAX_FRAMES=1 is too small: every video keeps at least 2 frames"
+    ):
+        Limits.from_env({"QTSPLUS_MAX_FRAMES": value})
+    with pytest.raises(ValueError, match="QTSPLUS_MAX_FRAMES"):
+        Limits(max_frames=1)
+    with pytest.raises(ValueError, match="QTSPLUS_MAX_VIDEO_BYTES=0 must be positive"):
+        Limits(max_video_bytes=0)
+    assert Limits.from_env({"QTSPLUS_MAX_FRAMES": "2"}).max_frames == 2
+
+
+def test_limit_messages_write_integers_in_full():
+    with pytest.raises(LimitExceeded) as info:
+        Limits().check_stream(6000, 6000, None, None)
+    assert "is 36,000,000, over the limit of 16,777,216 (server setting QTSPLUS_MAX_FRAME_PIXELS)" in str(
+        info.value
+    )
+    err = LimitExceeded("the count", 11, 10, "QTSPLUS_X", at_least=True)
+    assert str(err) == "the count is at least 11, over the limit of 10 (server setting QTSPLUS_X)"
+    assert "is 7,200.5, over the limit of 7,200 " in str(LimitExceeded("d", 7200.5, 7200.0, "V"))

@@ -179,3 +179,83 @@ def test_preprocess_pads_odd_frame_counts_and_casts():
         preprocess_frames(frames.astype(np.float32))
     with pytest.raises(VideoDecodeError, match="no frames"):
         preprocess_frames(np.zeros((0, 8, 8, 3), np.uint8))
+
+
+def test_a_very_wide_frame_that_resizes_to_no_rows_is_a_clear_error():
+    """smart_resize floors 27x5391 (under 200:1) to 0 rows at max_pixels 360*420: a 400, not a crash."""
+    config = PreprocessConfig()
+    with pytest.raises(
+        VideoDecodeError, match=r"frame size 5391x27 cannot be used at max_pixels=151200.*5488x0"
+    ):
+        target_size(27, 5391, 4, config)
+    with pytest.raises(VideoDecodeError, match="5391x27"):
+        preprocess_frames(np.zeros((2, 27, 5391, 3), dtype=np.uint8), config)
+
+
+class _CountingContainer:
+    """An opened container whose ``decode`` and ``demux`` count what they yield."""
+
+    def __init__(self, container, counts):
+        self._container, self._counts = container, counts
+
+    def __getattr__(self, name):
+        return getattr(self._container, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return self._container.__exit__(*exc)
+
+    def decode(self, *args, **kwargs):
+        for frame in self._container.decode(*args, **kwargs):
+            self._counts["decoded"] += 1
+            yield frame
+
+    def demux(self, *args, **kwargs):
+        for packet in self._container.demux(*args, **kwargs):
+            self._counts["demuxed"] += 1
+            yield packet
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    import qtsplus_vllm.video as video
+
+    counts = {"decoded": 0, "demuxed": 0}
+    opened = video._open
+    monkeypatch.setattr(video, "_open", lambda source: _CountingContainer(opened(source), counts))
+    return counts
+
+
+def test_a_header_that_understates_the_frame_count_stops_the_decoder_at_the_limit(counted):
+    """3,000 MJPEG frames claiming 2, limit 10: 413 after about 10 decoded frames, not 3,000."""
+    from qtsplus_vllm.limits import LimitExceeded, Limits
+    from qtsplus_vllm.testing import hostile
+
+    data = hostile.understated_avi(3000, claimed=2)
+    with av.open(__import__("io").BytesIO(data)) as container:
+        assert container.streams.video[0].frames == 2  # FFmpeg believes the header
+    with pytest.raises(LimitExceeded) as info:
+        decode_video(data, SamplingConfig(), Limits(max_source_frames=10))
+    assert counted["decoded"] <= 11  # not 3,000
+    assert str(info.value).startswith(
+        "the video's frame count, counted while reading it (its header claims 2), is at least 11, "
+        "over the limit of 10 (server setting QTSPLUS_MAX_SOURCE_FRAMES)"
+    )
+    assert info.value.http_status == 413
+    # within the limit the same file decodes in full, from the true count
+    counted["decoded"] = 0
+    video = decode_video(data, SamplingConfig(max_frames=8), Limits(max_source_frames=3000))
+    assert video.total_frames == 3000 and len(video.frames) == 8 and counted["decoded"] >= 3000
+
+
+def test_counting_packets_stops_at_the_limit(counted):
+    """A stream whose header gives no count is counted by demuxing, also only up to the limit."""
+    from qtsplus_vllm.limits import LimitExceeded, Limits
+    from qtsplus_vllm.testing import hostile
+
+    data = hostile.understated_avi(500, claimed=0)
+    with pytest.raises(LimitExceeded, match=r"header does not say.*at least 21.*QTSPLUS_MAX_SOURCE_FRAMES"):
+        decode_video(data, SamplingConfig(), Limits(max_source_frames=20))
+    assert counted["demuxed"] <= 22 and counted["decoded"] == 0

@@ -335,7 +335,9 @@ def test_upstream_failures_get_a_clear_status(media_server, monkeypatch, path, s
     with pytest.raises(QTSplusHTTPError) as info:
         _fetch(url)
     assert info.value.http_status == status
-    assert re.search(rf"cannot fetch the video_url {re.escape(url)}: .*{pattern}", str(info.value)), info.value
+    assert re.search(rf"cannot fetch the video_url {re.escape(url)}: .*{pattern}", str(info.value)), (
+        info.value
+    )
     assert _rejections()[str(status)] == before + 1
 
 
@@ -383,7 +385,7 @@ def _jpeg_io(monkeypatch, limits: Limits):
 
 def test_jpeg_frames_over_the_frame_pixel_limit_are_refused(monkeypatch):
     """Four 6000×6000 JPEG frames: 413 naming QTSPLUS_MAX_FRAME_PIXELS, before any is decoded."""
-    from PIL import Image
+    from PIL import ImageFile
 
     from qtsplus_vllm.serving.errors import QTSplusHTTPError
     from qtsplus_vllm.testing import hostile
@@ -391,7 +393,8 @@ def test_jpeg_frames_over_the_frame_pixel_limit_are_refused(monkeypatch):
     url = hostile.jpeg_frames_url([hostile.jpeg_frame((6000, 6000))] * 4)
     video_io = _jpeg_io(monkeypatch, Limits())
     loads = []
-    monkeypatch.setattr(Image.Image, "load", lambda self, _load=Image.Image.load: loads.append(1) or _load(self))
+    load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: loads.append(self.size) or load(self))
     with pytest.raises(QTSplusHTTPError) as info:
         video_io.load_base64("video/jpeg", url.split(",", 1)[1])
     assert info.value.http_status == 413
@@ -401,6 +404,11 @@ def test_jpeg_frames_over_the_frame_pixel_limit_are_refused(monkeypatch):
         str(info.value),
     ), info.value
     assert not loads  # only the header was read
+    # the same list under a higher frame limit decodes, through the hook above, at reduced size
+    limits = Limits(max_frame_pixels=6000 * 6000)
+    array, _ = _jpeg_io(monkeypatch, limits).load_base64("video/jpeg", url.split(",", 1)[1]).media
+    assert set(loads) == {(3000, 3000)}  # each frame decoded at half size (JPEG DCT scaling)
+    assert array.shape == (4, 1551, 1551, 3)  # decode_size(6000, 6000, QTSPLUS_DECODE_MAX_PIXELS)
 
 
 def test_jpeg_frames_over_the_decode_limit_are_scaled_down_like_video_frames(monkeypatch):
