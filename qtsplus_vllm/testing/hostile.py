@@ -8,8 +8,10 @@ limits before decoding.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import struct
+from collections.abc import Iterator
 from fractions import Fraction
 
 import av
@@ -146,3 +148,73 @@ def jpeg_frames_url(frames: list[bytes]) -> str:
     import base64
 
     return "data:video/jpeg;base64," + ",".join(base64.b64encode(f).decode() for f in frames)
+
+
+@contextlib.contextmanager
+def http_media_server(files: dict[str, bytes] | None = None) -> Iterator[str]:
+    """A local HTTP server for fetch tests, in a thread; yields its base URL (``http://127.0.0.1:P``).
+
+    Routes: ``/status/N`` answers status N; ``/loop`` redirects to itself; ``/truncated/NAME``
+    announces ``files[NAME]``'s length and sends only 500 bytes; ``/big/N`` serves N zero bytes
+    with a Content-Length, ``/big-chunked/N`` without one; ``/files/NAME`` serves ``files[NAME]``.
+    """
+    import http.server
+    import threading
+
+    files = dict(files or {})
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):
+            pass
+
+        def _send(self, status: int, body: bytes = b"", length: int | None = None, **headers: str):
+            self.send_response(status)
+            for key, value in headers.items():
+                self.send_header(key, value)
+            self.send_header("Content-Length", str(len(body) if length is None else length))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self):
+            route, _, arg = self.path.strip("/").partition("/")
+            if route == "status":
+                self._send(int(arg), b"nope")
+            elif route == "loop":
+                self._send(302, Location="/loop")
+            elif route == "truncated" and arg in files:
+                self._send(200, files[arg][:500], length=len(files[arg]))
+                self.close_connection = True
+            elif route == "big":
+                self._send(200, b"\0" * int(arg))
+            elif route == "big-chunked":
+                self.send_response(200)
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                left = int(arg)
+                while left > 0:
+                    chunk = b"\0" * min(left, 65536)
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                    left -= len(chunk)
+                self.wfile.write(b"0\r\n\r\n")
+            elif route == "files" and arg in files:
+                self._send(200, files[arg])
+            else:
+                self._send(404)
+
+    class Server(http.server.ThreadingHTTPServer):
+        daemon_threads = True
+
+        def handle_error(self, request, client_address):
+            pass  # a client that stops reading a too-large body resets the connection
+
+    server = Server(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()

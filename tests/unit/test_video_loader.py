@@ -224,62 +224,10 @@ def test_a_server_frame_limit_of_2_or_3_serves_videos(clip_bytes, monkeypatch, l
 
 @pytest.fixture(scope="module")
 def media_server(clip_bytes):
-    """A local HTTP server: /status/N answers N, /loop redirects to itself, /truncated breaks off,
-    /big/N serves N bytes (/big-chunked/N without a Content-Length), /clip.mp4 a valid video."""
-    import http.server
-    import threading
+    from qtsplus_vllm.testing import hostile
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, *args):
-            pass
-
-        def _send(self, status, body=b"", headers=()):
-            self.send_response(status)
-            for key, value in headers:
-                self.send_header(key, value)
-            if not any(key == "Content-Length" for key, _ in headers):
-                self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def do_GET(self):
-            parts = self.path.strip("/").split("/")
-            if parts[0] == "status":
-                self._send(int(parts[1]), b"nope")
-            elif parts[0] == "loop":
-                self._send(302, headers=[("Location", "/loop")])
-            elif parts[0] == "truncated":
-                self._send(200, clip_bytes[:500], headers=[("Content-Length", str(len(clip_bytes)))])
-                self.close_connection = True
-            elif parts[0] == "big":
-                self._send(200, b"\0" * int(parts[1]))
-            elif parts[0] == "big-chunked":
-                self.send_response(200)
-                self.send_header("Transfer-Encoding", "chunked")
-                self.end_headers()
-                left = int(parts[1])
-                while left > 0:
-                    chunk = b"\0" * min(left, 65536)
-                    self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
-                    left -= len(chunk)
-                self.wfile.write(b"0\r\n\r\n")
-            elif parts[0] == "clip.mp4":
-                self._send(200, clip_bytes)
-            else:
-                self._send(404)
-
-    class Server(http.server.ThreadingHTTPServer):
-        def handle_error(self, request, client_address):
-            pass  # clients that stop reading a too-large body reset the connection
-
-    server = Server(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with hostile.http_media_server({"clip.mp4": clip_bytes}) as url:
+        yield url
 
 
 def _rejections() -> dict[str, float]:
@@ -322,7 +270,7 @@ def _fetch(url: str, limits: Limits | None = None, monkeypatch=None):
         ("/status/404", 400, r"answered HTTP 404 Not Found"),
         ("/status/403", 400, r"answered HTTP 403 Forbidden"),
         ("/loop", 400, r"redirects in a loop"),
-        ("/truncated", 502, r"broke off"),
+        ("/truncated/clip.mp4", 502, r"broke off"),
     ],
 )
 def test_upstream_failures_get_a_clear_status(media_server, monkeypatch, path, status, pattern):
@@ -342,7 +290,7 @@ def test_upstream_failures_get_a_clear_status(media_server, monkeypatch, path, s
 
 
 def test_a_fetched_video_still_loads(media_server):
-    frames, meta = _fetch(media_server + "/clip.mp4").media
+    frames, meta = _fetch(media_server + "/files/clip.mp4").media
     assert meta["video_backend"] == LOADER_NAME and len(frames) == 10
 
 
