@@ -87,8 +87,10 @@ def torch_threads(count: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-# What the selection runtime reads from a checkpoint (safetensors or torch.save weights).
-CHECKPOINT_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.jinja"]
+# What the selection runtime reads from a checkpoint: safetensors, or torch.save weights when a
+# repository has no safetensors (never both: that would download the weights twice).
+CHECKPOINT_PATTERNS = ["*.json", "*.safetensors", "*.jinja"]
+BIN_PATTERNS = ["*.json", "pytorch_model*.bin", "*.jinja"]
 _RESOLVED: dict[tuple[str, str | None], Path] = {}
 _RESOLVE_LOCK = threading.Lock()
 
@@ -115,7 +117,12 @@ def resolve_model_dir(model: str, revision: str | None = None) -> Path:
                     model, revision=revision, allow_patterns=CHECKPOINT_PATTERNS, local_files_only=True
                 )
             except LocalEntryNotFoundError:
-                path = snapshot_download(model, revision=revision, allow_patterns=CHECKPOINT_PATTERNS)
+                from huggingface_hub import list_repo_files
+
+                files = list_repo_files(model, revision=revision)
+                safetensors = any(name.endswith(".safetensors") for name in files)
+                patterns = CHECKPOINT_PATTERNS if safetensors else BIN_PATTERNS
+                path = snapshot_download(model, revision=revision, allow_patterns=patterns)
             _RESOLVED[key] = Path(path)
         return _RESOLVED[key]
 

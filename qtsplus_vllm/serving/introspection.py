@@ -37,7 +37,7 @@ from PIL import Image
 from pydantic import BaseModel, model_validator
 
 from ..runtime import VideoSelection, get_runtime
-from .processor import _as_frames, _select, selection_inputs
+from .processor import _as_frames, _report, _select, selection_inputs
 
 ROUTE = "/v1/qtsplus/selection"
 PAGE_ROUTE = "/qtsplus"
@@ -251,6 +251,7 @@ class SelectionInspector:
             self.model_config.model, self.model_config.dtype, revision=self.model_config.revision
         )
         selection = _select(runtime, frames, question_ids, options)
+        _report("video", selection, runtime.feature_cache.stats())  # the operator's log line and metrics
         return tokenizer.decode(question_ids), selection
 
     async def inspect(self, body: SelectionRequest) -> SelectionResponse:
