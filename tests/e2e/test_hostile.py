@@ -1,24 +1,30 @@
 """Hostile media and bad requests against a real server: a clear error each, nobody else affected.
 
 One server (fp32, greedy) with some limits lowered so that the over-the-limit cases are cheap to
-build, and fault injection (tests/e2e/faults) that makes the selection runtime run out of memory on
-videos of a marker width. Every case runs while a valid request is in flight on another thread;
-that request must still get exactly the answer it gets alone, and the server must stay healthy.
+build, fault injection (tests/e2e/faults) that makes the selection runtime run out of memory on
+videos of a marker width, and a local HTTP server for the fetch cases (upstream error statuses,
+a redirect loop, a truncated body, an oversize download). Every case runs while a valid request is
+in flight on another thread; that request must still get exactly the oracle's answer, and the server
+must stay healthy. Each of those requests asks a question of its own, so that vLLM's processor
+cache cannot answer it: the selection runtime really runs while the hostile input is processed.
 """
 
 from __future__ import annotations
 
 import base64
 import concurrent.futures
+import itertools
 import json
 import re
 import socket
 import threading
+import time
 from pathlib import Path
 
 import httpx
 import pytest
 
+from qtsplus_vllm.reference import ReferencePipeline
 from qtsplus_vllm.testing import hostile, make_video, write_tiny_checkpoint
 from qtsplus_vllm.testing.server import RemoteServer, cpu_serve_args
 from qtsplus_vllm.testing.videos import make_video_bytes
@@ -58,6 +64,8 @@ def server(assets, vllm_cache_root):
     ]  # fmt: skip
     env = {k: str(v) for k, v in LIMITS.items()}
     env.update(QTSPLUS_TEST_OOM_WIDTH=str(OOM_WIDTH), PYTHONPATH=str(FAULTS), VLLM_VIDEO_FETCH_TIMEOUT="5")
+    # one retry: exercised, and a silent server costs 5 + 1 + 20 s
+    env.update(VLLM_MEDIA_FETCH_MAX_RETRIES="2")
     with RemoteServer(model, args, env=env, cache_root=vllm_cache_root) as remote:
         yield remote
 
@@ -102,10 +110,37 @@ def good_request(assets, model_name):
 
 
 @pytest.fixture(scope="module")
-def good_answer(http, good_request):
-    response = post(http, good_request)
+def oracle(assets):
+    return ReferencePipeline(assets[1])
+
+
+@pytest.fixture(scope="module")
+def good_answer(http, good_request, oracle, assets):
+    """The valid request alone: exactly the oracle's tokens."""
+    response = post(http, {**good_request, "return_token_ids": True})
     assert response.status_code == 200, response.text
-    return response.json()["choices"][0]["message"]["content"]
+    choice = response.json()["choices"][0]
+    assert choice["token_ids"] == oracle.answer(assets[2], QUESTION, max_new_tokens=6).token_ids
+    return choice["message"]["content"]
+
+
+_BYSTANDER_IDS = itertools.count()
+
+
+def bystander(good_request: dict, oracle: ReferencePipeline, good: Path) -> tuple[dict, list[int]]:
+    """A valid request with a question never asked before (so the processor cache cannot answer it
+    and the selection runtime runs), and the oracle's tokens for it."""
+    question = f"{QUESTION} Look closely, case {next(_BYSTANDER_IDS)}."
+    payload = {**good_request, **body(f"file://{good}", text=question), "model": good_request["model"]}
+    payload["return_token_ids"] = True
+    return payload, oracle.answer(good, question, max_new_tokens=6).token_ids
+
+
+@pytest.fixture(scope="module")
+def media_server(assets):
+    files = {"understated.avi": hostile.understated_avi(3200), "good.mp4": assets[2].read_bytes()}
+    with hostile.http_media_server(files) as url:
+        yield url
 
 
 def closed_port() -> int:
@@ -131,82 +166,109 @@ def _jpeg_frames(count: int) -> str:
     return "data:video/jpeg;base64," + ",".join([frame] * count)
 
 
+def _big_jpeg_frames() -> str:
+    # 4200x4200 (17.6 MP, over the default 4096²): about 280 kB each, a header read to refuse
+    return hostile.jpeg_frames_url([hostile.jpeg_frame((4200, 4200))] * 2)
+
+
 def _question_100k() -> str:
     return ("why " * 25_000)[:100_000]
 
 
-# (id, payload builder(root, good_path) -> dict | bytes, expected status, message pattern)
+# (id, payload builder(root, good_path, media_server_url) -> dict | bytes, expected status, message pattern)
 CASES = [
-    ("corrupt-bytes", lambda r, g: body(data_url(hostile.corrupt_bytes())), 400, r"not a readable video"),
-    ("truncated-mp4", lambda r, g: body(data_url(hostile.truncated_mp4())), 400, r"not a readable video"),
-    ("audio-only", lambda r, g: body(data_url(hostile.audio_only(), "audio/wav")), 400, r"no video stream"),
-    ("image-as-video", lambda r, g: body(data_url(hostile.png_image(), "image/png")), 400, r"still image"),
-    ("zero-frames", lambda r, g: body(data_url(hostile.zero_frame_video())), 400, r"readable video|no frames"),
-    ("huge-frame-8000x8000", lambda r, g: body(data_url(hostile.flat_video(1, (8000, 8000)))), 413,
+    ("corrupt-bytes", lambda r, g, m: body(data_url(hostile.corrupt_bytes())), 400, r"not a readable video"),
+    ("truncated-mp4", lambda r, g, m: body(data_url(hostile.truncated_mp4())), 400, r"not a readable video"),
+    ("audio-only", lambda r, g, m: body(data_url(hostile.audio_only(), "audio/wav")), 400, r"no video stream"),
+    ("image-as-video", lambda r, g, m: body(data_url(hostile.png_image(), "image/png")), 400, r"still image"),
+    ("zero-frames", lambda r, g, m: body(data_url(hostile.zero_frame_video())), 400, r"readable video|no frames"),
+    ("huge-frame-8000x8000", lambda r, g, m: body(data_url(hostile.flat_video(1, (8000, 8000)))), 413,
      r"frame size 8000x8000.*QTSPLUS_MAX_FRAME_PIXELS"),
-    ("longer-than-limit", lambda r, g: body(data_url(_long_low_fps())), 413, r"duration.*QTSPLUS_MAX_VIDEO_SECONDS"),
-    ("60fps-over-frame-limit", lambda r, g: body(data_url(make_video_bytes(3200, (32, 32), fps=60.0))), 413,
+    ("longer-than-limit", lambda r, g, m: body(data_url(_long_low_fps())), 413, r"duration.*QTSPLUS_MAX_VIDEO_SECONDS"),
+    ("60fps-over-frame-limit", lambda r, g, m: body(data_url(make_video_bytes(3200, (32, 32), fps=60.0))), 413,
      r"frame count.*QTSPLUS_MAX_SOURCE_FRAMES"),
-    ("jpeg-frames-over-limit", lambda r, g: body(_jpeg_frames(769)), 413,
+    ("jpeg-frames-over-limit", lambda r, g, m: body(_jpeg_frames(769)), 413,
      r"video/jpeg frame count is 769.*QTSPLUS_MAX_FRAMES"),
-    ("aspect-over-200", lambda r, g: body(data_url(hostile.flat_video(2, (402, 2)))), 400, r"aspect ratio over 200"),
-    ("data-url-over-size-limit", lambda r, g: body(data_url(hostile.corrupt_bytes(1_100_000))), 413,
+    ("aspect-over-200", lambda r, g, m: body(data_url(hostile.flat_video(2, (402, 2)))), 400, r"aspect ratio over 200"),
+    ("data-url-over-size-limit", lambda r, g, m: body(data_url(hostile.corrupt_bytes(1_100_000))), 413,
      r"size in bytes.*QTSPLUS_MAX_VIDEO_BYTES"),
-    ("file-outside-allowed-path", lambda r, g: body(f"file://{r / 'secret.mp4'}"), 400, r"allowed-local-media-path"),
-    ("http-closed-port", lambda r, g: body(f"http://127.0.0.1:{closed_port()}/v.mp4"), 400,
+    ("file-outside-allowed-path", lambda r, g, m: body(f"file://{r / 'secret.mp4'}"), 400, r"allowed-local-media-path"),
+    ("http-closed-port", lambda r, g, m: body(f"http://127.0.0.1:{closed_port()}/v.mp4"), 400,
      r"cannot fetch the video_url"),
-    ("question-100k-chars", lambda r, g: body(f"file://{g}", text=_question_100k()), 400,
+    ("http-upstream-503", lambda r, g, m: body(f"{m}/status/503"), 502,
+     r"cannot fetch the video_url http://127\.0\.0\.1:\d+/status/503: the media server answered HTTP 503 "
+     r"Service Unavailable"),
+    ("http-upstream-404", lambda r, g, m: body(f"{m}/status/404"), 400,
+     r"video_url http://\S+/status/404: the media server answered HTTP 404 Not Found"),
+    ("http-upstream-429", lambda r, g, m: body(f"{m}/status/429"), 502, r"answered HTTP 429 Too Many Requests"),
+    ("http-redirect-loop", lambda r, g, m: body(f"{m}/loop"), 400, r"video_url http://\S+/loop: it redirects in a loop"),
+    # vLLM's error handler shows a URL path ending in a file name as "<path>"
+    ("http-truncated-body", lambda r, g, m: body(f"{m}/truncated/good.mp4"), 502,
+     r"video_url http://\S+: the media server's answer broke off"),
+    ("http-download-over-size-limit", lambda r, g, m: body(f"{m}/big/1100000"), 413,
+     r"size in bytes of the video at http://\S+/big/1100000 is at least [\d,]+, over the limit of 1,000,000 "
+     r"\(server setting QTSPLUS_MAX_VIDEO_BYTES\)"),
+    ("jpeg-frames-over-pixel-limit", lambda r, g, m: body(_big_jpeg_frames()), 413,
+     r"video/jpeg frame's size 4200x4200 in pixels is 17,640,000, over the limit of 16,777,216 "
+     r"\(server setting QTSPLUS_MAX_FRAME_PIXELS\)"),
+    ("understated-frame-count", lambda r, g, m: body(f"{m}/files/understated.avi"), 413,
+     r"frame count, counted while reading it \(its header claims 2\), is at least 3,001, over the limit of "
+     r"3,000 \(server setting QTSPLUS_MAX_SOURCE_FRAMES\)"),
+    ("min-frames-over-small-max-frames", lambda r, g, m: body(f"file://{g}", media_io_kwargs={"video": {
+     "max_frames": 3, "min_frames": 4}}), 400, r"\['min_frames'\]=4 is invalid.*may not exceed max_frames=3"),
+    ("question-100k-chars", lambda r, g, m: body(f"file://{g}", text=_question_100k()), 400,
      r"maximum context length is 1024 tokens"),
-    ("question-over-token-limit", lambda r, g: body(f"file://{g}", text="why " * 300), 413,
+    ("question-over-token-limit", lambda r, g, m: body(f"file://{g}", text="why " * 300), 413,
      r"question's length in tokens.*QTSPLUS_MAX_QUESTION_TOKENS"),
-    ("non-utf8-body", lambda r, g: json.dumps(body(f"file://{g}", text="QQQ")).encode().replace(b"QQQ", b"\xff\xfe"),
+    ("non-utf8-body", lambda r, g, m: json.dumps(body(f"file://{g}", text="QQQ")).encode().replace(b"QQQ", b"\xff\xfe"),
      400, r"error parsing the body"),
-    ("lone-surrogate-question", lambda r, g: json.dumps(body(f"file://{g}", text="a\ud800b")).encode(), 400,
+    ("lone-surrogate-question", lambda r, g, m: json.dumps(body(f"file://{g}", text="a\ud800b")).encode(), 400,
      r"TextEncodeInput"),  # vLLM tokenizes the rendered chat before our processor sees it
-    ("vit-patches-over-limit", lambda r, g: body(f"file://{g}", mm_processor_kwargs={"max_pixels": 1280 * 28 * 28,
+    ("vit-patches-over-limit", lambda r, g, m: body(f"file://{g}", mm_processor_kwargs={"max_pixels": 1280 * 28 * 28,
      "min_pixels": 1280 * 28 * 28}), 413, r"ViT patch count.*QTSPLUS_MAX_VIT_PATCHES"),
-    ("mm-kwargs-unknown", lambda r, g: body(f"file://{g}", mm_processor_kwargs={"qtsplus_rho": 0.5}), 400,
+    ("mm-kwargs-unknown", lambda r, g, m: body(f"file://{g}", mm_processor_kwargs={"qtsplus_rho": 0.5}), 400,
      r"qtsplus_rho.*unknown key"),
-    ("mm-kwargs-mistyped", lambda r, g: body(f"file://{g}", mm_processor_kwargs={"qtsplus_select": "no"}), 400,
+    ("mm-kwargs-mistyped", lambda r, g, m: body(f"file://{g}", mm_processor_kwargs={"qtsplus_select": "no"}), 400,
      r"qtsplus_select.*true or false"),
-    ("mm-kwargs-out-of-range", lambda r, g: body(f"file://{g}", mm_processor_kwargs={"qtsplus_rho_max": 1.5}), 400,
+    ("mm-kwargs-out-of-range", lambda r, g, m: body(f"file://{g}", mm_processor_kwargs={"qtsplus_rho_max": 1.5}), 400,
      r"qtsplus_rho_max.*outside the allowed range"),
-    ("media-io-unknown", lambda r, g: body(f"file://{g}", media_io_kwargs={"video": {"fsp": 2}}), 400,
+    ("media-io-unknown", lambda r, g, m: body(f"file://{g}", media_io_kwargs={"video": {"fsp": 2}}), 400,
      r"unknown key.*fsp"),
-    ("media-io-mistyped", lambda r, g: body(f"file://{g}", media_io_kwargs={"video": {"fps": "fast"}}), 400,
+    ("media-io-mistyped", lambda r, g, m: body(f"file://{g}", media_io_kwargs={"video": {"fps": "fast"}}), 400,
      r"'fps'.*finite number"),
-    ("media-io-out-of-range", lambda r, g: body(f"file://{g}", media_io_kwargs={"video": {"max_frames": 100_000}}),
+    ("media-io-out-of-range", lambda r, g, m: body(f"file://{g}", media_io_kwargs={"video": {"max_frames": 100_000}}),
      400, r"'max_frames'.*allowed an integer in \[2, 768\]"),
-    ("more-videos-than-limit", lambda r, g: body([f"file://{g}", f"file://{g}"]), 400, r"(?i)at most 1 video"),
-    ("prompt-over-max-model-len", lambda r, g: body(f"file://{g}", mm_processor_kwargs={"qtsplus_select": False,
+    ("more-videos-than-limit", lambda r, g, m: body([f"file://{g}", f"file://{g}"]), 400, r"(?i)at most 1 video"),
+    ("prompt-over-max-model-len", lambda r, g, m: body(f"file://{g}", mm_processor_kwargs={"qtsplus_select": False,
      "max_pixels": 900 * 28 * 28, "min_pixels": 900 * 28 * 28}), 400, r"(?i)maximum context length|too long|max_model_len"),
-    ("selection-out-of-memory", lambda r, g: body(data_url(hostile.flat_video(4, (OOM_WIDTH, 32)))), 503,
+    ("selection-out-of-memory", lambda r, g, m: body(data_url(hostile.flat_video(4, (OOM_WIDTH, 32)))), 503,
      r"ran out of memory"),
 ]  # fmt: skip
 
 
 @pytest.mark.parametrize("build,status,pattern", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_bad_request_is_refused_and_nobody_else_is_affected(
-    http, server, assets, good_request, good_answer, build, status, pattern
+    http, server, assets, good_request, good_answer, oracle, media_server, build, status, pattern
 ):
     root, _, good = assets
-    payload = build(root, good)
+    payload = build(root, good, media_server)
     if isinstance(payload, dict):
         payload["model"] = good_request["model"]
     else:
         payload = payload.replace(
             b'"model": "qtsplus"', json.dumps({"model": good_request["model"]})[1:-1].encode()
         )
+    valid, expected = bystander(good_request, oracle, good)
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        bystander = pool.submit(post, http, good_request)
+        in_flight = pool.submit(post, http, valid)
         response = post(http, payload)
-        other = bystander.result()
+        other = in_flight.result()
     assert response.status_code == status, response.text[:500]
     answer = response.json()
     message = answer["error"]["message"] if "error" in answer else answer["detail"]  # FastAPI's own 400
     assert re.search(pattern, message), message[:500]
     assert other.status_code == 200, other.text[:500]
-    assert other.json()["choices"][0]["message"]["content"] == good_answer
+    assert other.json()["choices"][0]["token_ids"] == expected
     assert http.get(server.url_for("health")).status_code == 200
 
 
@@ -225,6 +287,50 @@ def test_edge_cases_that_are_valid_videos_are_served(http, good_request, name, v
     assert response.json()["usage"]["prompt_tokens"] > 0
 
 
+def _video_lines(server) -> list[str]:
+    return [line for line in server.log_tail(2000).splitlines() if "QTSplus video:" in line]
+
+
+@pytest.mark.parametrize(
+    "name, url, io_kwargs, frames",
+    [
+        ("max_frames-2", "good", {"max_frames": 2}, 2),  # was a 400 blaming min_frames
+        ("max_frames-3", "good", {"max_frames": 3}, 2),
+        # frames over QTSPLUS_DECODE_MAX_PIXELS: decoded scaled down, like a video's
+        ("jpeg-frames-over-decode-limit", "jpeg-3mp", {}, 2),
+        # vLLM keeps the first num_frames (default 32) frames of a data:video/jpeg list
+        ("jpeg-list-of-40-keeps-32", "jpeg-40", {}, 32),
+    ],
+)
+def test_valid_frame_settings_are_served(http, server, assets, good_request, name, url, io_kwargs, frames):
+    # small frames, so that 32 of them stay under this server's QTSPLUS_MAX_VIT_PATCHES
+    mm_kwargs = {"max_pixels": 64 * 28 * 28}
+    urls = {
+        "good": lambda: f"file://{assets[2]}",
+        "jpeg-3mp": lambda: hostile.jpeg_frames_url([hostile.jpeg_frame((2000, 1500))] * 2),
+        "jpeg-40": lambda: hostile.jpeg_frames_url(
+            [hostile.jpeg_frame((32, 32), (6 * i, 9, 9)) for i in range(40)]
+        ),
+    }
+    before = _video_lines(server)[-1:]
+    payload = body(
+        urls[url](),
+        text=f"{QUESTION} Setting {name}.",
+        media_io_kwargs={"video": io_kwargs},
+        mm_processor_kwargs=mm_kwargs,
+    )
+    if not io_kwargs:
+        del payload["media_io_kwargs"]
+    response = post(http, {**payload, "model": good_request["model"]})
+    assert response.status_code == 200, response.text[:500]
+    for _ in range(50):  # the server's log line for this request (it is written before the answer)
+        lines = _video_lines(server)
+        if lines[-1:] != before:
+            break
+        time.sleep(0.1)
+    assert lines[-1:] != before and f" frames={frames} " in lines[-1], lines[-3:]
+
+
 def test_long_60fps_video_keeps_one_frame_per_second(http, server, good_request):
     """1200 frames at 60 fps (20 s): sampling keeps 20 frames, so the ViT sees 20, not 1200."""
     data = make_video_bytes(1200, (32, 32), fps=60.0, seed=9)
@@ -236,7 +342,8 @@ def test_long_60fps_video_keeps_one_frame_per_second(http, server, good_request)
 
 
 def test_fetch_of_a_silent_server_times_out(http, good_request):
-    """An http URL whose server accepts and never answers: a 400 after VLLM_VIDEO_FETCH_TIMEOUT (5 s)."""
+    """An http URL whose server accepts and never answers: a 504 after VLLM_VIDEO_FETCH_TIMEOUT (5 s, then
+    a retry with 20 s)."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(8)
@@ -262,17 +369,22 @@ def test_fetch_of_a_silent_server_times_out(http, good_request):
         for conn in accepted:
             conn.close()
         listener.close()
-    assert response.status_code == 400, response.text[:500]
-    assert "cannot fetch the video_url" in response.json()["error"]["message"]
+    # the upstream did not answer in time: 504 Gateway Timeout (was 400 before the statuses said whose fault)
+    assert response.status_code == 504, response.text[:500]
+    assert re.search(
+        r"cannot fetch the video_url http://\S+/v.mp4: no answer within VLLM_VIDEO_FETCH_TIMEOUT=5 s",
+        response.json()["error"]["message"],
+    )
 
 
 def test_refusals_are_counted_in_metrics(server, http):
-    """After the table above: limit (413), fetch (400) and out-of-memory (503) refusals are counted."""
+    """After the tests above: limit (413), fetch (400, 502, 504) and out-of-memory (503) refusals are counted."""
     text = http.get(server.url_for("metrics")).text
     counts = {
         status: float(line.rsplit(" ", 1)[1])
-        for status in ("400", "413", "503")
+        for status in ("400", "413", "502", "503", "504")
         for line in text.splitlines()
         if line.startswith(f'qtsplus_rejected_requests_total{{status="{status}"}}')
     }
-    assert counts.get("413", 0) >= 5 and counts.get("503", 0) >= 1 and counts.get("400", 0) >= 1, counts
+    assert counts.get("413", 0) >= 8 and counts.get("503", 0) >= 1 and counts.get("400", 0) >= 3, counts
+    assert counts.get("502", 0) >= 3 and counts.get("504", 0) >= 1, counts
