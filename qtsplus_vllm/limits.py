@@ -35,7 +35,7 @@ variable. A value that is not a positive number, or a ``QTSPLUS_MAX_FRAMES`` und
 
 The defaults admit every video the reference settings produce (fps 1, at most 768 frames,
 max_pixels 360×420, min_pixels 128·28², any aspect ratio up to qwen-vl-utils' 200:1):
-:data:`REFERENCE_WORST_CASE_VIT_PATCHES` = 396,288 patches. Aspect ratios up to 32:1 need at most
+:data:`REFERENCE_WORST_CASE_VIT_PATCHES` = 396,288 patches. Aspect ratios under 32:1 need at most
 294,912 (4:3 at 768 frames; 360×420 itself needs 276,480); wider ones need more (the former default
 327,680 refused some from about 88:1). The worst case is a very wide, small frame (19×2432, about
 128:1), which ``smart_resize`` *raises* to min_pixels, rounding both sides up to multiples of 28:

@@ -133,7 +133,7 @@ def test_reference_settings_worst_case_vit_patches():
     assert vit_patch_count(768, 360, 420, config) == 276_480
     assert vit_patch_count(768, 480, 640, config) == 294_912  # 4:3
     assert vit_patch_count(768, 1080, 1920, config) <= 294_912
-    worst, where = 0, None
+    worst, where, worst_under_32 = 0, None, 0
     for height in range(1, 400):
         for width in range(height, 200 * height + 1):
             if not _grows_past_max_pixels_possible(height, width):
@@ -141,6 +141,9 @@ def test_reference_settings_worst_case_vit_patches():
             patches = vit_patch_count(768, height, width, config)
             if patches > worst:
                 worst, where = patches, (height, width)
+            if width < 32 * height:
+                worst_under_32 = max(worst_under_32, patches)
+    assert worst_under_32 <= 294_912 < vit_patch_count(768, 19, 608, config)  # 32:1 exactly: 299,520
     # outside the min_pixels branch a frame is at most max_pixels: 192 merge windows per frame
     assert worst > 768 // 2 * 4 * (config.max_pixels // (28 * 28))
     assert (worst, where) == (REFERENCE_WORST_CASE_VIT_PATCHES, (19, 2432)) == (396_288, (19, 2432))
