@@ -389,3 +389,23 @@ def test_vllm_keeps_the_first_32_frames_of_a_jpeg_list(monkeypatch):
     video_io = _jpeg_io(monkeypatch, Limits())
     array, meta = video_io.load_base64("video/jpeg", hostile.jpeg_frames_url(frames).split(",", 1)[1]).media
     assert array.shape[0] == 32 and meta["total_num_frames"] == 32
+
+
+@pytest.mark.parametrize(
+    "path, status, pattern",
+    [
+        ("/status/503", 502, r"answered HTTP 503 Service Unavailable"),
+        ("/status/404", 400, r"answered HTTP 404 Not Found"),
+        ("/loop", 400, r"redirects in a loop"),
+        ("/big/300000", 413, r"over the limit of 100,000 \(server setting QTSPLUS_MAX_VIDEO_BYTES\)"),
+    ],
+)
+def test_the_synchronous_fetch_maps_failures_the_same_way(media_server, monkeypatch, path, status, pattern):
+    import qtsplus_vllm.serving.media as media
+    from qtsplus_vllm.serving.errors import QTSplusHTTPError
+
+    monkeypatch.setenv("VLLM_MEDIA_FETCH_MAX_RETRIES", "1")
+    monkeypatch.setattr(media, "server_limits", lambda: Limits(max_video_bytes=100_000))
+    with pytest.raises(QTSplusHTTPError, match=pattern) as info:
+        media.QTSplusMediaConnector().fetch_video(media_server + path, video_processor=VIDEO_PROCESSOR_NAME)
+    assert info.value.http_status == status
