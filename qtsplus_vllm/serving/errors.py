@@ -1,6 +1,7 @@
 """Our request errors as vLLM HTTP errors (vLLM answers ``GracefulHTTPError`` with its status).
 
-The torch-only core raises :class:`~qtsplus_vllm.limits.RequestError` (400),
+The torch-only core raises :class:`~qtsplus_vllm.limits.RequestError` (400, or the status a
+subclass declares: a failed video fetch is 400, 502 or 504, see ``media.py``),
 :class:`~qtsplus_vllm.limits.LimitExceeded` (413) and
 :class:`~qtsplus_vllm.limits.SelectionUnavailable` (503). vLLM maps a plain ``ValueError`` to 400
 and anything else to 500, so the vLLM-facing layer re-raises them as :class:`QTSplusHTTPError`,

@@ -9,8 +9,9 @@ servers), so metrics created here appear next to vLLM's own. Created on first us
   preprocessing and ViT are not observed on feature-cache hits);
 - ``qtsplus_feature_cache_hits_total`` / ``_misses_total`` (counters), ``qtsplus_feature_cache_bytes``
   and ``qtsplus_feature_cache_entries`` (gauges);
-- ``qtsplus_rejected_requests_total{status}``: requests refused by a limit (413), an unfetchable
-  URL (400) or the runtime running out of memory (503), by HTTP status.
+- ``qtsplus_rejected_requests_total{status}``: requests refused by a limit (413), bad input or an
+  unusable URL (400), a failed or timed-out upstream (502, 504) or an unavailable selection
+  runtime (503), by HTTP status.
 """
 
 from __future__ import annotations

@@ -55,7 +55,7 @@ from ..runtime import (
     report_device_failure,
     trust_client_uuids,
 )
-from ..video import vit_patch_count
+from ..video import VideoDecodeError, vit_patch_count
 from .errors import as_http_error
 from .health import install_health_check
 from .metrics import observe_selection
@@ -148,7 +148,7 @@ def _select(runtime, frames: np.ndarray, question_ids: list[int], options: Selec
         t, h, w = frames.shape[:3]
         server_limits().check_vit_patches(vit_patch_count(t, h, w, options.preprocess_config()))
         return runtime.select(frames, question_ids, options)
-    except RequestError as err:
+    except (RequestError, VideoDecodeError) as err:
         raise as_http_error(err) from err
     except (RuntimeError, MemoryError) as err:
         if not out_of_memory(err):
