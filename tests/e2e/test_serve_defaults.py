@@ -76,3 +76,35 @@ def test_invalid_server_default_stops_start_up(assets, vllm_cache_root, tmp_path
             model, args, cache_root=vllm_cache_root, startup_timeout=300, log_path=tmp_path / "log"
         ):
             pass
+
+
+def _without_a_selector_tensor(model, root):
+    """A copy of ``model`` whose checkpoint lacks one selector tensor (the LM is intact)."""
+    from safetensors.torch import load_file, save_file
+
+    broken = root / "broken-model"
+    broken.mkdir()
+    for item in model.iterdir():
+        if not item.name.startswith("model"):  # everything but the weights and their index
+            (broken / item.name).symlink_to(item)
+    tensors = {}
+    for shard in sorted(model.glob("model*.safetensors")):
+        tensors.update(load_file(shard))
+    tensors.pop("model.qts_plus.selector.budget.mlp.2.weight")
+    save_file(tensors, broken / "model.safetensors")
+    return broken
+
+
+@pytest.mark.parametrize("case", ["bad-variable", "broken-checkpoint"])
+def test_bad_settings_and_broken_checkpoints_stop_start_up(assets, vllm_cache_root, tmp_path, case):
+    """Refused when the server starts, not with an error on every request later."""
+    _, model, _ = assets
+    env, expected = {"QTSPLUS_MAX_VIDEO_SECONDS": "an hour"}, "QTSPLUS_MAX_VIDEO_SECONDS"
+    if case == "broken-checkpoint":
+        model, env, expected = _without_a_selector_tensor(model, tmp_path), {}, "budget.mlp.2.weight"
+    with pytest.raises(ServerStartupError, match=expected):
+        with RemoteServer(
+            model, cpu_serve_args(), env=env, cache_root=vllm_cache_root, startup_timeout=300,
+            log_path=tmp_path / "log",
+        ):  # fmt: skip
+            pass
