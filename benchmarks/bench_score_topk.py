@@ -55,14 +55,16 @@ RESULTS = Path(__file__).parent / "results"
 # ----------------------------------------------------------------------------- timing
 
 
-def timed(fn, device: torch.device, warmup: int, iters: int) -> float:
-    """Median milliseconds of ``fn()`` over ``iters`` runs after ``warmup`` runs."""
+def time_samples(fn, device: torch.device, warmup: int, iters: int) -> list[float]:
+    """Milliseconds of each of ``iters`` runs of ``fn()`` after ``warmup`` runs (CUDA events on a GPU)."""
+    device = torch.device(device)
     for _ in range(warmup):
         fn()
     samples = []
     for _ in range(iters):
         if device.type == "cuda":
             start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize(device)
             start.record()
             fn()
             stop.record()
@@ -72,7 +74,12 @@ def timed(fn, device: torch.device, warmup: int, iters: int) -> float:
             clock = time.perf_counter()
             fn()
             samples.append((time.perf_counter() - clock) * 1e3)
-    return statistics.median(samples)
+    return samples
+
+
+def timed(fn, device: torch.device, warmup: int, iters: int) -> float:
+    """Median milliseconds of ``fn()`` over ``iters`` runs after ``warmup`` runs."""
+    return statistics.median(time_samples(fn, device, warmup, iters))
 
 
 def measure_bandwidth(device: torch.device, gib: float) -> float:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -110,25 +111,9 @@ def cuda_sync(device):
 
 def time_ms(fn, device, warmup: int, iters: int) -> list[float]:
     """Milliseconds of each of ``iters`` calls after ``warmup`` calls (CUDA events on a GPU)."""
-    import torch
+    from bench_score_topk import time_samples
 
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(iters):
-        if torch.device(device).type == "cuda":
-            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize(device)
-            start.record()
-            fn()
-            stop.record()
-            torch.cuda.synchronize(device)
-            samples.append(start.elapsed_time(stop))
-        else:
-            clock = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - clock) * 1e3)
-    return samples
+    return time_samples(fn, device, warmup, iters)
 
 
 def step_kernel_tests(args, tmp: Path) -> dict:
@@ -399,6 +384,10 @@ def _vit_run(
     return rows
 
 
+def _save_vit_rows(path: Path, done: tuple, new_rows: list) -> None:
+    write_json(path, {"step": "vit_attention", "rows": [*done, *new_rows]})
+
+
 def step_vit_attention(args, tmp: Path) -> dict:
     import torch
 
@@ -416,10 +405,7 @@ def step_vit_attention(args, tmp: Path) -> dict:
     rows = []
     path = args.out / "vit_attention.json"  # rows so far, kept if the step is killed at its time box
     for run in runs:
-        done = list(rows)
-        rows += _vit_run(
-            spec, device, *run, lambda r: write_json(path, {"step": "vit_attention", "rows": done + r})
-        )  # noqa: B023
+        rows += _vit_run(spec, device, *run, functools.partial(_save_vit_rows, path, tuple(rows)))
         if device.type == "cuda":
             torch.cuda.empty_cache()
     ok_rows = [r for r in rows if r["status"] == "ok"]
