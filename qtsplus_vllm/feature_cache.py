@@ -1,9 +1,17 @@
 """A bounded LRU cache of ViT features, so a follow-up question on a video skips decode-side work.
 
 The ViT output of a video does not depend on the question. :class:`FeatureCache` keeps it keyed by
-the video's content (a BLAKE3 digest of the sampled frames, their shape and dtype) and every
-preprocessing setting, so a second question about the same video runs only the selector, and gets
-exactly the rows a cold run would (the cached tensor *is* the cold run's ViT output).
+the video's content and every preprocessing setting, so a second question about the same video runs
+only the selector, and gets exactly the rows a cold run would (the cached tensor *is* the cold run's
+ViT output). Two kinds of keys:
+
+- a video our loader planned (encoded bytes + sampling plan, ``streaming.LazyVideo``):
+  :func:`encoded_digest`, BLAKE3 of the *encoded* bytes, the plan (sampled frame indices, frame
+  count, fps, source and decode sizes) and the settings — computed before any decoding, so a
+  follow-up question decodes nothing (BLAKE3 over a 100 MB file takes tens of milliseconds;
+  decoding it takes seconds);
+- decoded frames (``data:video/jpeg`` frame lists, images, arrays from offline use):
+  :func:`frames_digest`, BLAKE3 of the frames, their shape and dtype and the settings.
 
 Bounded in bytes (``max_bytes``; entries over the bound are not stored), least recently used out
 first, thread-safe, and it reports its size: :meth:`stats`. Entries live on the runtime's device,
@@ -26,6 +34,15 @@ def frames_digest(frames: np.ndarray, settings: tuple) -> str:
     hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
     hasher.update(repr((frames.shape, str(frames.dtype), settings)).encode())
     hasher.update(memoryview(np.ascontiguousarray(frames)).cast("B"))
+    return hasher.hexdigest()
+
+
+def encoded_digest(data: np.ndarray, settings: tuple) -> str:
+    """A key for an encoded video (1-D uint8 bytes) decoded and preprocessed as ``settings`` say
+    (the sampling plan and the preprocessing settings)."""
+    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    hasher.update(repr(("encoded", int(data.nbytes), settings)).encode())
+    hasher.update(memoryview(np.ascontiguousarray(data)).cast("B"))
     return hasher.hexdigest()
 
 

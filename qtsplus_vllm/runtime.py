@@ -39,7 +39,8 @@ from .feature_cache import CachedFeatures, FeatureCache, frames_digest
 from .limits import SelectionUnavailable
 from .options import SelectionOptions
 from .selector import QTSplusSelector
-from .video import preprocess_frames
+from .streaming import LazyVideo, chunk_geometry, frame_chunks, iter_vision_inputs, stream_chunk_frames
+from .video import FrameCountMismatch, PreprocessConfig, vit_patch_count
 from .vision import VisionEncoder
 
 EMBED_KEY = "model.embed_tokens.weight"
@@ -164,6 +165,7 @@ def check_server_settings(model: str | None = None) -> None:
 
     Limits.from_env()
     cpu_threads()
+    stream_chunk_frames()
     feature_cache_settings()
     trust_client_uuids()
     runtime_retry_seconds()
@@ -300,38 +302,97 @@ class SelectionRuntime:
             raise ValueError(f"question token ids outside the vocabulary [0, {self.embed_tokens.shape[0]})")
         return self.embed_tokens[ids].to(self.device, non_blocking=True)
 
+    def _encode_chunks(
+        self,
+        chunks: Iterator[np.ndarray],
+        shape: tuple[int, int, int, int],
+        preprocess: PreprocessConfig,
+        timings: dict[str, float],
+    ) -> CachedFeatures:
+        """ViT features of a video given as uint8 chunks [c, H, W, 3] of its ``shape[0]`` frames.
+
+        Each chunk is preprocessed on the device (:func:`~qtsplus_vllm.streaming.iter_vision_inputs`:
+        bit-identical to preprocessing the whole video) and encoded on its own; its rows go into one
+        preallocated [M, D] tensor. Chunks hold whole temporal patches and the ViT attends only
+        within a temporal patch, so the rows are those of one pass over the whole video (up to
+        floating-point blocking). Only one chunk's pixels and activations exist at a time.
+        """
+        padded, size, m = chunk_geometry(shape, preprocess)
+        visual, row = None, 0
+        for pixel_values, grid_thw in iter_vision_inputs(
+            chunks, shape, preprocess, self.device, self.dtype, timings
+        ):
+            clock = time.perf_counter()
+            rows = self.vision(pixel_values, grid_thw)  # [c/2 · gh · gw / merge², D]
+            del pixel_values
+            if visual is None:
+                visual = torch.empty(m, rows.shape[1], dtype=rows.dtype, device=rows.device)
+            if row + rows.shape[0] > m:
+                raise RuntimeError(f"the ViT produced more than the {m} rows planned")
+            visual[row : row + rows.shape[0]] = rows
+            row += rows.shape[0]
+            del rows
+            self._sync()
+            timings["vit_ms"] += (time.perf_counter() - clock) * 1e3
+        if row != m:
+            raise RuntimeError(f"the ViT produced {row} of the {m} rows planned")
+        p = preprocess.patch_size
+        return CachedFeatures(
+            visual, (padded // preprocess.temporal_patch_size, size[0] // p, size[1] // p), padded
+        )
+
+    def _encode(self, frames, preprocess: PreprocessConfig, timings: dict[str, float]) -> CachedFeatures:
+        chunk = stream_chunk_frames()
+        if isinstance(frames, LazyVideo):
+            while True:
+                plan = frames.plan
+                if plan.limits is not None:  # a plan redone from the decoded count is checked again
+                    t, h, w, _ = frames.shape
+                    plan.limits.check_vit_patches(vit_patch_count(t, h, w, preprocess))
+                stream = frames.chunks(chunk, timings)
+                try:
+                    return self._encode_chunks(stream, frames.shape, preprocess, timings)
+                except FrameCountMismatch:  # the stream held another frame count: frames.plan is redone
+                    continue
+                finally:
+                    stream.close()  # stops the decoder thread on any failure
+        frames = np.asarray(frames)
+        if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+            raise ValueError(f"frames must be uint8 [T, H, W, 3], got {frames.dtype} {list(frames.shape)}")
+        return self._encode_chunks(frame_chunks(frames, chunk), frames.shape, preprocess, timings)
+
     @torch.inference_mode()
     def select(
-        self, frames: np.ndarray, question_ids: list[int], options: SelectionOptions
+        self, frames: np.ndarray | LazyVideo, question_ids: list[int], options: SelectionOptions
     ) -> VideoSelection:
-        """uint8 frames [T, H, W, 3] and question token ids -> the rows for the LM (thread-safe)."""
+        """Video frames and question token ids -> the rows for the LM (thread-safe).
+
+        ``frames``: uint8 [T, H, W, 3], or a :class:`~qtsplus_vllm.streaming.LazyVideo` (encoded
+        bytes + sampling plan), which is decoded here as a stream overlapping the ViT — and not at
+        all when the feature cache holds this video with these settings (a follow-up question).
+        """
         threads = torch_threads(cpu_threads()) if self.device.type == "cpu" else contextlib.nullcontext()
         with self.lock, threads:
-            timings = {}
+            timings = {"decode_ms": 0.0, "decode_wait_ms": 0.0, "preprocess_ms": 0.0, "vit_ms": 0.0}
             clock = time.perf_counter()
             preprocess = options.preprocess_config()
-            key = frames_digest(frames, astuple(preprocess)) if self.feature_cache.max_bytes else None
+            key = None
+            if self.feature_cache.max_bytes:
+                if isinstance(frames, LazyVideo):  # the encoded bytes: a follow-up skips all decoding
+                    key = frames.digest(astuple(preprocess))
+                else:
+                    key = frames_digest(np.asarray(frames), astuple(preprocess))
             cached = self.feature_cache.get(key, self.device) if key is not None else None
             timings["hash_ms"] = (time.perf_counter() - clock) * 1e3
 
             if cached is None:
-                clock = time.perf_counter()
-                inputs = preprocess_frames(frames, preprocess, device=self.device, dtype=self.dtype)
-                self._sync()
-                timings["preprocess_ms"] = (time.perf_counter() - clock) * 1e3
-
-                clock = time.perf_counter()
-                visual = self.vision(inputs.pixel_values, inputs.grid_thw)  # [M, D]
-                self._sync()
-                timings["vit_ms"] = (time.perf_counter() - clock) * 1e3
-                grid = tuple(int(v) for v in inputs.grid_thw[0])
-                cached = CachedFeatures(visual, grid, inputs.num_frames)
+                cached = self._encode(frames, preprocess, timings)
                 if key is not None:
                     self.feature_cache.put(key, cached)
                 hit = False
             else:
-                timings["preprocess_ms"] = timings["vit_ms"] = 0.0
-                visual, hit = cached.visual, True
+                hit = True
+            visual = cached.visual
 
             clock = time.perf_counter()
             m = visual.shape[0]

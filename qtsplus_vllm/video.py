@@ -15,9 +15,11 @@ Defaults are the reference demo's: fps 1.0, at most 768 frames, max_pixels 360×
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import av
@@ -29,6 +31,7 @@ from torchvision.transforms import functional as tvf
 
 from .limits import Limits
 
+_FFMPEG_ERROR = av.FFmpegError  # bound here: a generator closed at interpreter exit still finds it
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -138,9 +141,40 @@ def sample_frame_indices(total_frames: int, source_fps: float, sampling: Samplin
     return torch.linspace(0, total_frames - 1, n).round().long().tolist()
 
 
-def _open(source: str | os.PathLike | bytes):
-    if isinstance(source, bytes | bytearray | memoryview):
-        return av.open(io.BytesIO(bytes(source)), mode="r", metadata_errors="replace")
+class _BufferReader(io.RawIOBase):
+    """A seekable, read-only file over any buffer (an ndarray, a memoryview), without copying it."""
+
+    def __init__(self, buffer):
+        super().__init__()
+        self._view = memoryview(buffer).cast("B")
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, target) -> int:
+        n = max(0, min(len(target), len(self._view) - self._pos))
+        target[:n] = self._view[self._pos : self._pos + n]
+        self._pos += n
+        return n
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+
+def _open(source: str | os.PathLike | bytes | np.ndarray | memoryview):
+    if isinstance(source, bytes):  # BytesIO shares an immutable bytes object: no copy
+        return av.open(io.BytesIO(source), mode="r", metadata_errors="replace")
+    if isinstance(source, bytearray | memoryview | np.ndarray):
+        return av.open(_BufferReader(source), mode="r", metadata_errors="replace")
     path = os.fspath(source)
     if path.startswith("file://"):
         path = path[len("file://") :]
@@ -192,6 +226,40 @@ def decode_size(width: int, height: int, max_pixels: int | None) -> tuple[int, i
     return max(1, math.floor(width * scale)), max(1, math.floor(height * scale))
 
 
+def _iter_sampled(
+    container,
+    stream,
+    wanted: list[int],
+    size: tuple[int, int],
+    limits: Limits | None = None,
+    claimed: int | None = None,
+    count: list[int] | None = None,
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Decode the stream once, yielding (index, RGB array at ``size``) for the wanted indices in order.
+
+    Decoding goes on to the end of the stream (the frame count is checked against the plan); the
+    number of frames decoded is left in ``count[0]``. With ``limits``, decoding stops as soon as the
+    count passes ``limits.max_source_frames`` (a header that understates the count, ``claimed``,
+    must not make the decoder walk the whole file).
+    """
+    wanted_set, index = set(wanted), -1
+    width, height = size
+    stop = limits.max_source_frames if limits is not None else None
+    for index, frame in enumerate(container.decode(stream)):
+        if stop is not None and index >= stop:
+            raise limits.source_frames_exceeded(claimed)
+        if index in wanted_set:
+            if (frame.width, frame.height) == size:
+                yield index, frame.to_ndarray(format="rgb24")
+            else:
+                yield (
+                    index,
+                    frame.to_ndarray(format="rgb24", width=width, height=height, interpolation="AREA"),
+                )
+    if count is not None:
+        count[:] = [index + 1]
+
+
 def _decode_at(
     container,
     stream,
@@ -200,25 +268,41 @@ def _decode_at(
     limits: Limits | None = None,
     claimed: int | None = None,
 ) -> tuple[dict[int, np.ndarray], int]:
-    """Decode the stream once, keeping RGB arrays of the wanted indices; also returns the frame count.
+    """Decode the stream once, keeping RGB arrays of the wanted indices; also returns the frame count."""
+    count = [0]
+    kept = dict(_iter_sampled(container, stream, wanted, size, limits, claimed, count))
+    return kept, count[0]
 
-    With ``limits``, decoding stops as soon as the count passes ``limits.max_source_frames`` (a
-    header that understates the count, ``claimed``, must not make the decoder walk the whole file).
-    """
-    wanted_set, kept, index = set(wanted), {}, -1
-    width, height = size
-    stop = limits.max_source_frames if limits is not None else None
-    for index, frame in enumerate(container.decode(stream)):
-        if stop is not None and index >= stop:
-            raise limits.source_frames_exceeded(claimed)
-        if index in wanted_set:
-            if (frame.width, frame.height) == size:
-                kept[index] = frame.to_ndarray(format="rgb24")
-            else:
-                kept[index] = frame.to_ndarray(
-                    format="rgb24", width=width, height=height, interpolation="AREA"
-                )
-    return kept, index + 1
+
+def _video_stream(container):
+    """The first video stream after the header checks: (stream, width, height, source fps)."""
+    if not container.streams.video:
+        raise VideoDecodeError("the file has no video stream")
+    if _is_still_image(container):
+        raise VideoDecodeError(
+            f"the file is a still image ({container.format.name}), not a video; send images as image_url"
+        )
+    stream = container.streams.video[0]
+    if stream.codec_context is None:
+        raise VideoDecodeError("the video stream's codec is unknown or not supported")
+    stream.thread_type = "AUTO"
+    width, height = stream.codec_context.width, stream.codec_context.height
+    if width < 1 or height < 1:
+        raise VideoDecodeError(f"the video stream has no frame size ({width}x{height})")
+    if max(width, height) / min(width, height) > qwen_vl.MAX_RATIO:
+        raise VideoDecodeError(
+            f"the frame size {width}x{height} has an aspect ratio over {qwen_vl.MAX_RATIO}:1, "
+            "which the model cannot use"
+        )
+    return stream, width, height
+
+
+def _frame_rate(stream) -> float:
+    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    source_fps = float(rate) if rate else 0.0
+    if not (source_fps > 0 and math.isfinite(source_fps)):
+        raise VideoDecodeError("the video stream has no frame rate")
+    return source_fps
 
 
 def decode_video(
@@ -240,29 +324,9 @@ def decode_video(
     except av.FFmpegError as err:
         raise VideoDecodeError(f"not a readable video container ({_reason(err)})") from err
     with container:
-        if not container.streams.video:
-            raise VideoDecodeError("the file has no video stream")
-        if _is_still_image(container):
-            raise VideoDecodeError(
-                f"the file is a still image ({container.format.name}), not a video; send images as image_url"
-            )
-        stream = container.streams.video[0]
-        if stream.codec_context is None:
-            raise VideoDecodeError("the video stream's codec is unknown or not supported")
-        stream.thread_type = "AUTO"
-        width, height = stream.codec_context.width, stream.codec_context.height
-        if width < 1 or height < 1:
-            raise VideoDecodeError(f"the video stream has no frame size ({width}x{height})")
-        if max(width, height) / min(width, height) > qwen_vl.MAX_RATIO:
-            raise VideoDecodeError(
-                f"the frame size {width}x{height} has an aspect ratio over {qwen_vl.MAX_RATIO}:1, "
-                "which the model cannot use"
-            )
+        stream, width, height = _video_stream(container)
         try:
-            rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-            source_fps = float(rate) if rate else 0.0
-            if not (source_fps > 0 and math.isfinite(source_fps)):
-                raise VideoDecodeError("the video stream has no frame rate")
+            source_fps = _frame_rate(stream)
             if limits is not None:
                 limits.check_stream(width, height, _stream_seconds(container, stream), stream.frames or None)
             total = _count_frames(container, stream, limits)
@@ -287,6 +351,161 @@ def decode_video(
         raise VideoDecodeError(f"frames {missing[:8]} could not be decoded")
     frames = np.stack([kept[i] for i in indices])
     return DecodedVideo(frames=frames, frame_indices=indices, source_fps=source_fps, total_frames=total)
+
+
+@dataclass(frozen=True)
+class VideoPlan:
+    """What is known of an encoded video before any frame is decoded (:func:`probe_video`).
+
+    frame_indices: the sampled source frames (qwen-vl-utils rules on ``total_frames``), ascending.
+    width/height: the source frame size; decode_width/decode_height: the size frames are decoded
+    at (scaled down to ``limits.decode_max_pixels``). ``claimed_frames``: the header's count, if any.
+    """
+
+    frame_indices: tuple[int, ...]
+    source_fps: float
+    total_frames: int
+    width: int
+    height: int
+    decode_width: int
+    decode_height: int
+    sampling: SamplingConfig
+    limits: Limits | None = None
+    claimed_frames: int | None = None
+
+    @property
+    def num_frames(self) -> int:
+        return len(self.frame_indices)
+
+    @property
+    def decode_shape(self) -> tuple[int, int, int, int]:
+        """[T, H, W, 3] of the frames decoding yields (what an eager loader would have returned)."""
+        return (self.num_frames, self.decode_height, self.decode_width, 3)
+
+    def key(self) -> tuple:
+        """Every field that decides the decoded frames (the limits only bound the work)."""
+        return (
+            self.frame_indices,
+            self.source_fps,
+            self.total_frames,
+            self.width,
+            self.height,
+            self.decode_width,
+            self.decode_height,
+        )
+
+    def resampled(self, total_frames: int) -> VideoPlan:
+        """The plan for a stream found, while decoding, to hold ``total_frames`` frames (a lying header)."""
+        if total_frames < 1:
+            raise VideoDecodeError("the video has no decodable frames")
+        if self.limits is not None:
+            self.limits.check_stream(self.width, self.height, total_frames / self.source_fps, total_frames)
+        indices = sample_frame_indices(total_frames, self.source_fps, self.sampling)
+        return dataclasses.replace(self, frame_indices=tuple(indices), total_frames=total_frames)
+
+
+def _demux_count(container, stream, limits: Limits | None, claimed: int | None) -> int:
+    """Packets with data in the stream (one per frame), stopping as soon as the count passes the limit."""
+    count = 0
+    stop = limits.max_source_frames if limits is not None else None
+    for packet in container.demux(stream):
+        if packet.size > 0:
+            count += 1
+            if stop is not None and count > stop:
+                raise limits.source_frames_exceeded(claimed)
+    return count
+
+
+def probe_video(
+    source: str | os.PathLike | bytes | np.ndarray,
+    sampling: SamplingConfig | None = None,
+    limits: Limits | None = None,
+) -> VideoPlan:
+    """The header checks and limits of :func:`decode_video`, the frame count and the sampling plan,
+    without decoding a frame.
+
+    The frame count comes from a demux pass (packets, no decoding), which also enforces
+    ``limits.max_source_frames`` whatever the header claims. :func:`iter_sampled_frames` decodes
+    the plan later; if the decoder then finds another frame count (a stream whose packets are not
+    one frame each), the plan is redone from the decoded count, as :func:`decode_video` does.
+    """
+    sampling = sampling or SamplingConfig()
+    try:
+        container = _open(source)
+    except av.FFmpegError as err:
+        raise VideoDecodeError(f"not a readable video container ({_reason(err)})") from err
+    with container:
+        stream, width, height = _video_stream(container)
+        try:
+            source_fps = _frame_rate(stream)
+            claimed = stream.frames or None
+            if limits is not None:
+                limits.check_stream(width, height, _stream_seconds(container, stream), claimed)
+            total = _demux_count(container, stream, limits, claimed)
+        except av.FFmpegError as err:
+            raise VideoDecodeError(f"cannot read the video ({_reason(err)})") from err
+    if total < 1:
+        raise VideoDecodeError("the video has no frames")
+    if limits is not None:
+        limits.check_stream(width, height, total / source_fps, total)
+    decode_width, decode_height = decode_size(
+        width, height, limits.decode_max_pixels if limits is not None else None
+    )
+    indices = sample_frame_indices(total, source_fps, sampling)
+    return VideoPlan(
+        frame_indices=tuple(indices),
+        source_fps=source_fps,
+        total_frames=total,
+        width=width,
+        height=height,
+        decode_width=decode_width,
+        decode_height=decode_height,
+        sampling=sampling,
+        limits=limits,
+        claimed_frames=claimed,
+    )
+
+
+class FrameCountMismatch(Exception):
+    """The decoder found ``decoded`` frames where the plan counted another number."""
+
+    def __init__(self, decoded: int):
+        super().__init__(f"decoded {decoded} frames")
+        self.decoded = decoded
+
+
+def iter_sampled_frames(source, plan: VideoPlan) -> Iterator[np.ndarray]:
+    """Decode ``source`` once and yield the plan's frames in order, uint8 RGB [H, W, 3] at the decode size.
+
+    Frames are converted exactly as :func:`decode_video` converts them. Raises
+    :class:`FrameCountMismatch` at the end when the stream holds another number of frames than
+    ``plan.total_frames`` (the caller redoes the plan: :meth:`VideoPlan.resampled`),
+    :class:`VideoDecodeError` for a stream that cannot be decoded, and ``LimitExceeded`` when it
+    holds more than ``plan.limits.max_source_frames`` frames.
+    """
+    # the positions of each wanted source frame (a one-frame video keeps frame 0 twice)
+    positions: dict[int, int] = {}
+    for i in plan.frame_indices:
+        positions[i] = positions.get(i, 0) + 1
+    try:
+        container = _open(source)
+    except av.FFmpegError as err:
+        raise VideoDecodeError(f"not a readable video container ({_reason(err)})") from err
+    with container:
+        stream, _, _ = _video_stream(container)
+        count = [0]
+        size = (plan.decode_width, plan.decode_height)
+        frames = _iter_sampled(
+            container, stream, sorted(positions), size, plan.limits, plan.claimed_frames, count
+        )
+        try:
+            for index, array in frames:
+                for _ in range(positions[index]):
+                    yield array
+        except _FFMPEG_ERROR as err:
+            raise VideoDecodeError(f"cannot decode the video ({_reason(err)})") from err
+    if count[0] != plan.total_frames:
+        raise FrameCountMismatch(count[0])
 
 
 def _reason(err: Exception) -> str:

@@ -5,8 +5,10 @@ servers), so metrics created here appear next to vLLM's own. Created on first us
 
 - ``qtsplus_kept_ratio``: n / M per video (histogram);
 - ``qtsplus_visual_tokens`` (M) and ``qtsplus_selected_tokens`` (n) per video (histograms);
-- ``qtsplus_preprocess_seconds``, ``qtsplus_vit_seconds``, ``qtsplus_selector_seconds`` (histograms;
-  preprocessing and ViT are not observed on feature-cache hits);
+- ``qtsplus_decode_seconds``, ``qtsplus_preprocess_seconds``, ``qtsplus_vit_seconds``,
+  ``qtsplus_selector_seconds`` (histograms; decoding, preprocessing and ViT are not observed on
+  feature-cache hits, decoding only for videos decoded in the processor — the streamed path, whose
+  decoder runs on its own thread next to preprocessing and the ViT, so the stages overlap);
 - ``qtsplus_feature_cache_hits_total`` / ``_misses_total`` (counters), ``qtsplus_feature_cache_bytes``
   and ``qtsplus_feature_cache_entries`` (gauges);
 - ``qtsplus_rejected_requests_total{status}``: requests refused by a limit (413), bad input or an
@@ -56,6 +58,11 @@ def _create() -> SimpleNamespace:
         selected_tokens=Histogram(
             "qtsplus_selected_tokens", "Tokens n a video contributes to the prompt", buckets=_TOKENS
         ),
+        decode_seconds=Histogram(
+            "qtsplus_decode_seconds",
+            "Video decode time per video (the decoder thread's own time; overlaps preprocess and ViT)",
+            buckets=_SECONDS,
+        ),
         preprocess_seconds=Histogram(
             "qtsplus_preprocess_seconds",
             "Frame resize, normalise and patchify time per video",
@@ -90,6 +97,8 @@ def observe_selection(result, cache_stats: dict[str, int]) -> None:
         m.cache_hits.inc()
     else:
         m.cache_misses.inc()
+        if timings.get("decode_ms", 0.0) > 0:
+            m.decode_seconds.observe(timings["decode_ms"] / 1e3)
         m.preprocess_seconds.observe(timings["preprocess_ms"] / 1e3)
         m.vit_seconds.observe(timings["vit_ms"] / 1e3)
     m.selector_seconds.observe(timings["selector_ms"] / 1e3)

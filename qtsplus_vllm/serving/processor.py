@@ -55,6 +55,7 @@ from ..runtime import (
     report_device_failure,
     trust_client_uuids,
 )
+from ..streaming import LazyVideo, is_encoded_video
 from ..video import VideoDecodeError, vit_patch_count
 from .errors import as_http_error
 from .health import install_health_check
@@ -112,8 +113,11 @@ class QTSplusDummyInputsBuilder(BaseDummyInputsBuilder[QTSplusProcessingInfo]):
         }
 
 
-def _as_frames(video: object, modality: str = "video") -> np.ndarray:
-    """The decoded frames of one item as uint8 [T, H, W, 3] (an image is one frame)."""
+def _as_frames(video: object, modality: str = "video") -> np.ndarray | LazyVideo:
+    """One item as uint8 frames [T, H, W, 3] (an image is one frame), or, for a video our loader
+    planned (encoded bytes + plan), a :class:`LazyVideo` that the runtime decodes as a stream."""
+    if modality == "video" and is_encoded_video(video):
+        return LazyVideo(video)
     if modality == "image":
         if hasattr(video, "convert"):  # PIL
             video = video.convert("RGB")
@@ -184,8 +188,8 @@ def _report(modality: str, result, cache_stats: dict[str, int]) -> None:
     """One log line and the Prometheus metrics for one video or image."""
     observe_selection(result, cache_stats)
     logger.info(
-        "QTSplus %s: frames=%d M=%d n=%d rho=%s kept=%.1f%% vit_cache=%s preprocess_ms=%.1f vit_ms=%.1f "
-        "selector_ms=%.1f",
+        "QTSplus %s: frames=%d M=%d n=%d rho=%s kept=%.1f%% vit_cache=%s decode_ms=%.1f preprocess_ms=%.1f "
+        "vit_ms=%.1f selector_ms=%.1f",
         modality,
         result.num_frames,
         result.num_visual_tokens,
@@ -193,6 +197,7 @@ def _report(modality: str, result, cache_stats: dict[str, int]) -> None:
         "off" if result.rho is None else f"{result.rho:.4f}",
         100.0 * result.n / result.num_visual_tokens,
         "hit" if result.cache_hit else "miss",
+        result.timings_ms.get("decode_ms", 0.0),
         result.timings_ms["preprocess_ms"],
         result.timings_ms["vit_ms"],
         result.timings_ms["selector_ms"],

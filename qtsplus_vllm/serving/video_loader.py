@@ -1,9 +1,14 @@
 """vLLM video loader that samples frames like qwen-vl-utils (DESIGN §2.1, §9 trap 7).
 
-vLLM decodes ``video_url`` parts in the API server with ``VideoMediaIO``, which calls
-``loader.load_bytes(data, num_frames=..., **media_io_kwargs["video"])``. Its default loader keeps
-32 frames; :class:`QTSplusVideoLoader` decodes with :func:`qtsplus_vllm.video.decode_video`
-(PyAV, ``smart_nframes``, even count) instead.
+vLLM loads ``video_url`` parts in the API server's media thread pool with ``VideoMediaIO``, which
+calls ``loader.load_bytes(data, num_frames=..., **media_io_kwargs["video"])``. Its default loader
+keeps 32 frames; :class:`QTSplusVideoLoader` plans qwen-vl-utils' frames (PyAV, ``smart_nframes``,
+even count) and decodes nothing: it checks the header and the limits, counts the frames with a demux
+pass and returns the encoded bytes with the plan (:class:`~qtsplus_vllm.streaming.EncodedVideo`).
+The processor decodes the planned frames as a stream into the ViT (``qtsplus_vllm.streaming``), or
+not at all when the ViT features of this video are cached. Errors found here (an unreadable file, a
+limit) are the request's 400/413 before any decoding; errors found while decoding become a 400 in
+the processor.
 
 Selection, in vLLM's order (media/connector.py ``fetch_video`` then ``VideoMediaIO.__init__``):
 
@@ -49,7 +54,8 @@ from vllm.multimodal.video import VIDEO_LOADER_REGISTRY, VideoLoader
 
 from ..config import MODEL_TYPE
 from ..limits import LimitExceeded, server_limits
-from ..video import SamplingConfig, VideoDecodeError, decode_video
+from ..streaming import EncodedVideo
+from ..video import SamplingConfig, VideoDecodeError, probe_video
 from .errors import as_http_error
 
 LOADER_NAME = "qtsplus"
@@ -112,17 +118,21 @@ def sampling_from_kwargs(kwargs: Mapping[str, Any]) -> SamplingConfig:
 
 
 class QTSplusVideoLoader(VideoLoader):
-    """Decodes video bytes with PyAV and keeps qwen-vl-utils' frames (see the module docstring)."""
+    """Checks and plans a video in vLLM's media threads; the processor decodes it (module docstring)."""
 
     @classmethod
     def load_bytes(
         cls, data: bytes, /, num_frames: int = -1, **kwargs: Any
     ) -> tuple[np.ndarray, dict[str, Any]]:
-        """Video file bytes -> (frames [T, H, W, 3] uint8 RGB, T even; metadata).
+        """Video file bytes -> (an :class:`~qtsplus_vllm.streaming.EncodedVideo`, metadata).
 
-        ``num_frames`` is accepted and ignored. The metadata has the keys of
-        ``VideoLoader.create_hf_metadata``; vLLM hashes it with the bytes, so the same video
-        sampled differently is a different cache entry.
+        No frame is decoded here: the header checks and limits, a demux pass that counts the
+        frames (and stops at ``QTSPLUS_MAX_SOURCE_FRAMES``) and the sampling plan. The first value
+        is the encoded bytes as a 1-D uint8 array (a view of ``data``, no copy) carrying the plan;
+        the processor decodes the planned frames as a stream (``LazyVideo``). ``num_frames`` is
+        accepted and ignored. The metadata has the keys of ``VideoLoader.create_hf_metadata``;
+        vLLM hashes it with the bytes, so the same video sampled differently is a different cache
+        entry.
         """
         sampling = sampling_from_kwargs(kwargs)
         if not data:
@@ -130,21 +140,21 @@ class QTSplusVideoLoader(VideoLoader):
         limits = server_limits()
         try:
             limits.check_video_bytes(len(data))
-            video = decode_video(bytes(data), sampling, limits)
+            plan = probe_video(data, sampling, limits)
         except LimitExceeded as err:
             raise as_http_error(err) from err
         except VideoDecodeError as err:
             raise VideoDecodeError(f"cannot load the video ({len(data)} bytes): {err}") from err
         metadata = {
-            "total_num_frames": video.total_frames,
-            "fps": video.source_fps,
-            "duration": video.total_frames / video.source_fps,
+            "total_num_frames": plan.total_frames,
+            "fps": plan.source_fps,
+            "duration": plan.total_frames / plan.source_fps,
             "video_backend": LOADER_NAME,
-            "frames_indices": [int(i) for i in video.frame_indices],
+            "frames_indices": [int(i) for i in plan.frame_indices],
             # the frames are already sampled: a Hugging Face video processor must not sample again
             "do_sample_frames": False,
         }
-        return video.frames, metadata
+        return EncodedVideo(data, plan), metadata
 
 
 def register_video_loader() -> None:

@@ -52,6 +52,7 @@ from qtsplus_vllm.serving.video_loader import (
     QTSplusVideoLoader,
     sampling_from_kwargs,
 )
+from qtsplus_vllm.streaming import EncodedVideo, LazyVideo
 from qtsplus_vllm.testing import hostile, write_tiny_checkpoint
 from qtsplus_vllm.testing.tiny_checkpoint import NON_SPECIAL_ADDED, SPECIAL_TOKENS
 from qtsplus_vllm.testing.videos import make_video_bytes, render_frames
@@ -233,12 +234,25 @@ def check_loaded(frames: np.ndarray, metadata: dict, max_frames: int) -> None:
 
 
 def load_or_reject(data: bytes, kwargs: dict) -> tuple[np.ndarray, dict] | None:
-    """The loader's output, or None for a documented rejection; anything else propagates."""
+    """The loader's output with its frames decoded, or None for a documented rejection; anything else
+    propagates.
+
+    The loader returns the encoded bytes and a plan (``EncodedVideo``) that the processor decodes
+    (``LazyVideo``), where a failure is a ``VideoDecodeError`` or a ``LimitExceeded`` too.
+    """
     try:
-        return QTSplusVideoLoader.load_bytes(data, **kwargs)
+        encoded, metadata = QTSplusVideoLoader.load_bytes(data, **kwargs)
+        assert isinstance(encoded, EncodedVideo) and encoded.nbytes == len(data)
+        lazy = LazyVideo(encoded)
+        frames = lazy.to_array()
+        assert frames.shape == lazy.shape
+        if lazy.plan is not encoded.plan:  # the decoder found another frame count and redid the plan
+            metadata = {**metadata, "frames_indices": list(lazy.plan.frame_indices)}
+            metadata.update(total_num_frames=lazy.plan.total_frames)
+        return frames, metadata
     except QTSplusHTTPError as err:
         assert isinstance(err.__cause__, LimitExceeded)
-    except VideoDecodeError:
+    except (VideoDecodeError, LimitExceeded):
         pass
     return None
 
@@ -333,7 +347,8 @@ def test_sampling_kwargs(kwargs):
 @example(kwargs={"max_frames": 3, "min_frames": 3}, seed="h264_one_frame")
 def test_loader_kwargs(kwargs, seed):
     try:
-        loaded = QTSplusVideoLoader.load_bytes(seed_files()[seed], num_frames=32, **kwargs)
+        encoded, metadata = QTSplusVideoLoader.load_bytes(seed_files()[seed], num_frames=32, **kwargs)
+        loaded = LazyVideo(encoded).to_array(), metadata
     except (VideoDecodeError, QTSplusHTTPError):
         pytest.fail("a valid seed file was rejected")
     except ValueError as err:

@@ -39,7 +39,14 @@ def test_rows_equal_the_oracle_selection(model, runtime, frames):
     torch.testing.assert_close(result.embeds, expected.embeds.cpu(), rtol=1e-5, atol=1e-6)
     assert result.embeds.device.type == "cpu" and result.embeds.dtype == torch.float32
     assert result.num_visual_tokens == 4 * 10 * 14 and result.num_frames == 8
-    assert set(result.timings_ms) == {"hash_ms", "preprocess_ms", "vit_ms", "selector_ms"}
+    assert set(result.timings_ms) == {
+        "hash_ms",
+        "decode_ms",
+        "decode_wait_ms",
+        "preprocess_ms",
+        "vit_ms",
+        "selector_ms",
+    }
     assert result.scores.shape == (result.num_visual_tokens,) and result.scores.dtype == torch.float32
 
 

@@ -26,6 +26,7 @@ from qtsplus_vllm.serving.video_loader import (
     register_video_loader,
     sampling_from_kwargs,
 )
+from qtsplus_vllm.streaming import EncodedVideo, LazyVideo
 from qtsplus_vllm.testing import make_video, write_tiny_checkpoint
 from qtsplus_vllm.video import SamplingConfig, VideoDecodeError, decode_video
 
@@ -44,9 +45,22 @@ def registered():
     register_video_loader()
 
 
+def decoded(item: np.ndarray) -> np.ndarray:
+    """The frames a loaded item stands for: the loader returns the encoded bytes and a plan, which
+    the processor decodes (``LazyVideo``); decoded frames pass through unchanged."""
+    return LazyVideo(item).to_array() if isinstance(item, EncodedVideo) else item
+
+
 def test_output_equals_decode_video(clip_bytes):
-    frames, meta = QTSplusVideoLoader.load_bytes(clip_bytes, num_frames=32, fps=2.0, max_frames=64)
+    encoded, meta = QTSplusVideoLoader.load_bytes(clip_bytes, num_frames=32, fps=2.0, max_frames=64)
     expected = decode_video(clip_bytes, SamplingConfig(fps=2.0, max_frames=64))
+    # nothing decoded in the loader: the bytes themselves (a view, no copy) and the plan
+    assert isinstance(encoded, EncodedVideo) and encoded.dtype == np.uint8 and encoded.ndim == 1
+    assert encoded.nbytes == len(clip_bytes) and np.shares_memory(
+        encoded, np.frombuffer(clip_bytes, np.uint8)
+    )
+    assert encoded.plan.decode_shape == (20, 48, 64, 3)
+    frames = decoded(encoded)
     assert frames.dtype == np.uint8 and frames.shape == (20, 48, 64, 3)
     np.testing.assert_array_equal(frames, expected.frames)
     assert meta == {
@@ -73,6 +87,7 @@ def test_output_equals_decode_video(clip_bytes):
 )
 def test_sampling_kwargs_are_honoured(clip_bytes, kwargs, count):
     frames, meta = QTSplusVideoLoader.load_bytes(clip_bytes, num_frames=32, **kwargs)
+    frames = decoded(frames)
     assert len(frames) == len(meta["frames_indices"]) == count
     assert meta["frames_indices"][0] == 0 and meta["frames_indices"][-1] == 99
 
@@ -159,7 +174,7 @@ def test_video_media_io_end_to_end(clip_bytes):
     )
     assert isinstance(video, MediaWithBytes) and video.original_bytes == clip_bytes
     frames, meta = video.media
-    assert frames.shape == (8, 48, 64, 3) and meta["video_backend"] == "qtsplus"
+    assert decoded(frames).shape == (8, 48, 64, 3) and meta["video_backend"] == "qtsplus"
 
 
 def test_media_connector_merges_server_and_request_kwargs(clip_bytes):
@@ -172,7 +187,7 @@ def test_media_connector_merges_server_and_request_kwargs(clip_bytes):
     video = connector.fetch_video(url, video_processor=VIDEO_PROCESSOR_NAME)
     frames, meta = video.media
     assert (
-        len(frames) == 12 and meta["video_backend"] == "qtsplus"
+        len(decoded(frames)) == 12 and meta["video_backend"] == "qtsplus"
     )  # fps 2 from the server, 12 from the request
     with pytest.raises(ValueError, match="'fps'"):
         MediaConnector(media_io_kwargs={"video": {"fps": -2}}).fetch_video(
@@ -186,7 +201,7 @@ def test_request_num_frames_drops_server_fps(clip_bytes):
     merged = merge_media_io_kwargs({"video": {"fps": 2}}, {"video": {"num_frames": 64}})["video"]
     assert merged == {"num_frames": 64}
     video = VideoMediaIO(ImageMediaIO(), video_backend=LOADER_NAME, **merged).load_bytes(clip_bytes)
-    assert len(video.media[0]) == 10
+    assert len(decoded(video.media[0])) == 10
 
 
 # -- sampling with few frames (issue 11 item 5) ------------------------------------------------------
@@ -196,7 +211,7 @@ def test_request_num_frames_drops_server_fps(clip_bytes):
 def test_small_max_frames_alone_is_served(clip_bytes, max_frames, count):
     """max_frames 2 or 3 without min_frames: min_frames follows it down (it was a 400 naming min_frames)."""
     frames, meta = QTSplusVideoLoader.load_bytes(clip_bytes, num_frames=32, max_frames=max_frames)
-    assert len(frames) == len(meta["frames_indices"]) == count
+    assert len(decoded(frames)) == len(meta["frames_indices"]) == count
     assert sampling_from_kwargs({"max_frames": max_frames}).min_frames == min(4, count)
 
 
@@ -214,7 +229,7 @@ def test_a_server_frame_limit_of_2_or_3_serves_videos(clip_bytes, monkeypatch, l
     limits = Limits.from_env({"QTSPLUS_MAX_FRAMES": str(limit)})
     monkeypatch.setattr(video_loader, "server_limits", lambda: limits)
     frames, _ = QTSplusVideoLoader.load_bytes(clip_bytes, num_frames=32)
-    assert len(frames) == count
+    assert len(decoded(frames)) == count
     with pytest.raises(ValueError, match=rf"\['max_frames'\]=4 .*\[2, {limit}\]"):
         sampling_from_kwargs({"max_frames": 4})
 
@@ -291,7 +306,7 @@ def test_upstream_failures_get_a_clear_status(media_server, monkeypatch, path, s
 
 def test_a_fetched_video_still_loads(media_server):
     frames, meta = _fetch(media_server + "/files/clip.mp4").media
-    assert meta["video_backend"] == LOADER_NAME and len(frames) == 10
+    assert meta["video_backend"] == LOADER_NAME and len(decoded(frames)) == 10
 
 
 @pytest.mark.parametrize("path", ["/big/300000", "/big-chunked/300000"])

@@ -1,0 +1,307 @@
+"""Lazy video items and the bounded decode stream (torch + PyAV, no vLLM).
+
+The video loader runs in vLLM's media thread pool and does only the cheap work: the header checks
+and limits, a demux pass that counts the frames, and the sampling plan (:func:`~qtsplus_vllm.video.probe_video`).
+It returns the *encoded* bytes as an :class:`EncodedVideo` — a 1-D uint8 ndarray viewing the bytes
+vLLM already holds (no copy) with the plan attached — instead of decoded frames. vLLM passes an
+ndarray through its parser untouched and, since the array is exactly as large as the encoded bytes,
+hashes the encoded bytes (``multimodal/hasher.py``), so its caches stay keyed by content at the
+cost of one pass over the file.
+
+The processor wraps it in a :class:`LazyVideo`, which looks like the frames array the loader used
+to return (``shape`` [T, H, W, 3] at the decode size, ``len``, indexing) and decodes on demand:
+:meth:`LazyVideo.chunks` runs the decoder on a background thread that yields the sampled frames in
+chunks of ``chunk_frames`` through a bounded queue, so decoding overlaps the consumer's resize and
+ViT work and at most ``queue_chunks + 2`` chunks of decoded frames exist at a time.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from .feature_cache import encoded_digest
+from .video import (
+    FrameCountMismatch,
+    PreprocessConfig,
+    VideoDecodeError,
+    VideoPlan,
+    iter_sampled_frames,
+    patchify,
+    resize_frames,
+    target_size,
+)
+
+CHUNK_FRAMES_ENV = "QTSPLUS_STREAM_CHUNK_FRAMES"
+DEFAULT_CHUNK_FRAMES = 32
+QUEUE_CHUNKS = 1  # decoded chunks waiting for the consumer (one more is being filled, one consumed)
+RESIZE_BATCH = 8  # frames resized at once: bounds the float copy torchvision makes of its input
+FRAME_FACTOR = 2  # frames per temporal patch
+
+
+def stream_chunk_frames() -> int:
+    """``QTSPLUS_STREAM_CHUNK_FRAMES`` (default 32): sampled frames per chunk, a positive even number."""
+    raw = os.environ.get(CHUNK_FRAMES_ENV, "").strip()
+    if not raw:
+        return DEFAULT_CHUNK_FRAMES
+    if not raw.isdigit() or int(raw) < 2 or int(raw) % 2:
+        raise ValueError(
+            f"{CHUNK_FRAMES_ENV} must be a positive even integer (whole temporal patches), got {raw!r}"
+        )
+    return int(raw)
+
+
+class EncodedVideo(np.ndarray):
+    """A video's encoded bytes as a 1-D uint8 array (a view, no copy) carrying its :class:`VideoPlan`."""
+
+    plan: VideoPlan | None
+
+    def __new__(cls, data: bytes | bytearray | memoryview | np.ndarray, plan: VideoPlan) -> EncodedVideo:
+        array = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data
+        obj = array.reshape(-1).view(cls)
+        obj.plan = plan
+        return obj
+
+    def __array_finalize__(self, obj) -> None:
+        self.plan = getattr(obj, "plan", None)
+
+    def __reduce__(self):
+        return (EncodedVideo, (self.tobytes(), self.plan))
+
+
+def is_encoded_video(item: object) -> bool:
+    return isinstance(item, EncodedVideo) and item.plan is not None
+
+
+class _Stop(Exception):
+    pass
+
+
+class LazyVideo:
+    """An :class:`EncodedVideo` that behaves like its frames: decoded on demand, never all at once."""
+
+    dtype = np.dtype(np.uint8)
+    ndim = 4
+
+    def __init__(self, data: EncodedVideo, plan: VideoPlan | None = None):
+        self.data = data
+        self.plan = plan or data.plan
+        if self.plan is None:
+            raise ValueError("an encoded video needs its sampling plan")
+        self._cursor: Iterator[np.ndarray] | None = None
+        self._cursor_pos = -1
+        self._cursor_frame: np.ndarray | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return self.plan.decode_shape
+
+    @property
+    def nbytes_encoded(self) -> int:
+        return int(self.data.nbytes)
+
+    def __len__(self) -> int:
+        return self.plan.num_frames
+
+    def __repr__(self) -> str:
+        return f"LazyVideo({self.nbytes_encoded} bytes, frames {list(self.shape)})"
+
+    def digest(self, settings: tuple) -> str:
+        return encoded_digest(self.data, (self.plan.key(), settings))
+
+    def _fail(self, err: VideoDecodeError) -> VideoDecodeError:
+        return VideoDecodeError(f"cannot load the video ({self.nbytes_encoded} bytes): {err}")
+
+    def _resample(self, decoded: int) -> None:
+        if decoded == 0:
+            raise self._fail(VideoDecodeError("the video has no decodable frames"))
+        self.plan = self.plan.resampled(decoded)
+
+    def to_array(self) -> np.ndarray:
+        """All sampled frames [T, H, W, 3] (what the eager loader returned; tests and small videos)."""
+        while True:
+            try:
+                return np.stack(list(iter_sampled_frames(self.data, self.plan)))
+            except FrameCountMismatch as err:
+                self._resample(err.decoded)
+            except VideoDecodeError as err:
+                raise self._fail(err) from None
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        """One sampled frame; increasing indices continue one decoding pass (thumbnails)."""
+        index = int(index)
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"frame {index} of a {len(self)}-frame video")
+        with self._lock:
+            while True:
+                if self._cursor is None or index < self._cursor_pos:
+                    self._cursor, self._cursor_pos = iter_sampled_frames(self.data, self.plan), -1
+                try:
+                    while self._cursor_pos < index:
+                        self._cursor_frame = next(self._cursor)
+                        self._cursor_pos += 1
+                    return self._cursor_frame
+                except FrameCountMismatch as err:  # the plan was wrong: redo it and start again
+                    self._cursor = None
+                    self._resample(err.decoded)
+                except VideoDecodeError as err:
+                    self._cursor = None
+                    raise self._fail(err) from None
+
+    def chunks(self, chunk_frames: int, timings: dict[str, float] | None = None) -> Iterator[np.ndarray]:
+        """The sampled frames as uint8 [c, H, W, 3] chunks of ``chunk_frames`` (the last may be shorter),
+        decoded on a background thread that runs ahead by at most :data:`QUEUE_CHUNKS` chunks.
+
+        ``timings["decode_ms"]`` accumulates the decoder's own time (waiting on a full queue excluded),
+        ``timings["decode_wait_ms"]`` the consumer's time waiting for frames. Raises
+        :class:`FrameCountMismatch` when the stream had another frame count than planned and chunks
+        were already handed out: ``self.plan`` is then the corrected plan and the caller starts again.
+        """
+        if chunk_frames < 1:
+            raise ValueError(f"chunk_frames must be positive, got {chunk_frames}")
+        timings = timings if timings is not None else {}
+        timings.setdefault("decode_ms", 0.0)
+        timings.setdefault("decode_wait_ms", 0.0)
+        out: queue.Queue = queue.Queue(maxsize=QUEUE_CHUNKS)
+        stop = threading.Event()
+
+        def put(item) -> None:
+            while not stop.is_set():
+                try:
+                    out.put(item, timeout=0.1)
+                    return
+                except queue.Full:
+                    continue
+            raise _Stop
+
+        def produce() -> None:
+            t, h, w, c = self.shape
+            buffer, filled = None, 0
+            clock = time.perf_counter()
+            try:
+                for frame in iter_sampled_frames(self.data, self.plan):
+                    if stop.is_set():
+                        raise _Stop
+                    if buffer is None:
+                        buffer = np.empty((min(chunk_frames, t), h, w, c), dtype=np.uint8)
+                    buffer[filled] = frame
+                    filled += 1
+                    if filled == len(buffer):
+                        timings["decode_ms"] += (time.perf_counter() - clock) * 1e3
+                        put(("chunk", buffer))
+                        clock = time.perf_counter()
+                        buffer, filled = None, 0
+                if filled:
+                    timings["decode_ms"] += (time.perf_counter() - clock) * 1e3
+                    put(("chunk", buffer[:filled]))
+                    clock = time.perf_counter()
+                timings["decode_ms"] += (time.perf_counter() - clock) * 1e3
+                put(("done", None))
+            except _Stop:
+                pass
+            except BaseException as err:  # handed to the consumer, which raises it
+                timings["decode_ms"] += (time.perf_counter() - clock) * 1e3
+                try:
+                    put(("error", err))
+                except _Stop:
+                    pass
+
+        worker = threading.Thread(target=produce, name="qtsplus-decode", daemon=True)
+        worker.start()
+        try:
+            while True:
+                clock = time.perf_counter()
+                kind, value = out.get()
+                timings["decode_wait_ms"] += (time.perf_counter() - clock) * 1e3
+                if kind == "done":
+                    return
+                if kind == "error":
+                    if isinstance(value, FrameCountMismatch):
+                        self._resample(value.decoded)
+                        raise value
+                    if isinstance(value, VideoDecodeError):
+                        raise self._fail(value) from None
+                    raise value
+                yield value
+        finally:
+            stop.set()
+            worker.join()
+
+
+def chunk_geometry(shape: tuple[int, ...], config: PreprocessConfig) -> tuple[int, tuple[int, int], int]:
+    """(T padded to whole temporal patches, (h, w) after resizing, M visual tokens) of a [T, H, W, 3] video."""
+    num_frames, height, width = shape[:3]
+    if num_frames < 1:
+        raise VideoDecodeError("the video has no frames")
+    padded = num_frames + num_frames % FRAME_FACTOR
+    size = target_size(height, width, padded, config)
+    tokens = padded // config.temporal_patch_size * (size[0] // config.factor) * (size[1] // config.factor)
+    return padded, size, tokens
+
+
+def iter_vision_inputs(
+    chunks: Iterator[np.ndarray],
+    shape: tuple[int, ...],
+    config: PreprocessConfig,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    timings: dict[str, float] | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """ViT inputs (pixel_values, grid_thw) chunk by chunk for a video of ``shape`` [T, H, W, 3] given as
+    uint8 chunks [c, H, W, 3] (c even except for the last chunk).
+
+    Each chunk goes to ``device`` as uint8 and is resized there (qwen-vl-utils' size for the whole
+    video's T), normalised and patchified exactly as :func:`~qtsplus_vllm.video.preprocess_frames`
+    does the whole video: the concatenated pixel_values are bit-identical to its output, and the
+    grids, concatenated along t, are its grid. An odd video gets its last frame repeated.
+    ``timings["preprocess_ms"]`` accumulates the time spent here.
+    """
+    timings = timings if timings is not None else {}
+    timings.setdefault("preprocess_ms", 0.0)
+    device = torch.device(device)
+    num_frames = shape[0]
+    _, size, _ = chunk_geometry(shape, config)
+    mean = torch.tensor(config.image_mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(config.image_std, device=device).view(1, 3, 1, 1)
+    seen = 0
+    for chunk in chunks:
+        clock = time.perf_counter()
+        x = torch.as_tensor(chunk)
+        if x.ndim != 4 or tuple(x.shape[1:]) != tuple(shape[1:]) or x.dtype != torch.uint8:
+            raise ValueError(
+                f"a chunk of frames {x.dtype} {list(x.shape)} does not belong to a video {list(shape)}"
+            )
+        seen += x.shape[0]
+        if x.shape[0] % FRAME_FACTOR:
+            if seen != num_frames:
+                raise ValueError(f"a chunk of {x.shape[0]} frames: only the last chunk may be odd")
+            x = torch.cat([x, x[-1:].expand(FRAME_FACTOR - x.shape[0] % FRAME_FACTOR, -1, -1, -1)])
+        x = x.to(device=device, non_blocking=True).permute(0, 3, 1, 2)  # [c, 3, H, W] uint8
+        parts = [resize_frames(x[i : i + RESIZE_BATCH], size) for i in range(0, x.shape[0], RESIZE_BATCH)]
+        x = torch.cat(parts) if len(parts) > 1 else parts[0]
+        del parts
+        x = (x / 255.0 - mean) / std
+        pixel_values, grid_thw = patchify(x, config)
+        del x
+        pixel_values = pixel_values.to(dtype)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        timings["preprocess_ms"] += (time.perf_counter() - clock) * 1e3
+        yield pixel_values, grid_thw
+    if seen != num_frames:
+        raise VideoDecodeError(f"the video yielded {seen} of its {num_frames} frames")
+
+
+def frame_chunks(frames: np.ndarray, chunk_frames: int) -> Iterator[np.ndarray]:
+    """Views of ``frames`` [T, ...] in chunks of ``chunk_frames`` (no copies)."""
+    for start in range(0, frames.shape[0], chunk_frames):
+        yield frames[start : start + chunk_frames]
