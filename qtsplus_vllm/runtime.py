@@ -47,12 +47,26 @@ EMBED_KEY = "model.embed_tokens.weight"
 
 
 def default_device() -> torch.device:
-    """``QTSPLUS_DEVICE`` if set, else cuda:0 when CUDA is available, else cpu."""
-    name = os.environ.get("QTSPLUS_DEVICE", "").strip()
-    if name:
-        device = torch.device(name)
+    """``QTSPLUS_DEVICE`` if set, else cuda:0 when CUDA is available, else cpu.
+
+    A comma-separated ``QTSPLUS_DEVICE`` (``cuda:1,cuda:2``) spreads the API servers of
+    ``--api-server-count N``: the server of rank r takes entry r mod the list's length.
+    """
+    from .serving.compat import api_server_rank
+    from .serving.deployment import device_for_rank, selection_devices
+
+    devices = selection_devices()
+    if devices:
+        name = os.environ["QTSPLUS_DEVICE"].strip()
+        rank = api_server_rank()
+        device = device_for_rank(devices, rank)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError(f"QTSPLUS_DEVICE={name!r} but CUDA is not available in this process")
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            raise RuntimeError(
+                f"QTSPLUS_DEVICE={name!r} gives API server {rank} {device}, but this process sees "
+                f"{torch.cuda.device_count()} CUDA device(s) (CUDA_VISIBLE_DEVICES renumbers them)"
+            )
         return device
     return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
 
@@ -169,14 +183,9 @@ def check_server_settings(model: str | None = None) -> None:
     feature_cache_settings()
     trust_client_uuids()
     runtime_retry_seconds()
-    name = os.environ.get("QTSPLUS_DEVICE", "").strip()
-    if name:
-        try:
-            device = torch.device(name)
-        except RuntimeError as err:
-            raise ValueError(f"QTSPLUS_DEVICE={name!r} is not a torch device: {err}") from None
-        if device.type not in ("cpu", "cuda"):
-            raise ValueError(f"QTSPLUS_DEVICE={name!r}: the selection runs on cpu or cuda[:N]")
+    from .serving.deployment import selection_devices
+
+    selection_devices()  # QTSPLUS_DEVICE: one device, or a list by API-server rank
     if model is not None and os.path.isdir(model):
         validate_checkpoint(load_config(model), CheckpointReader(model))
 

@@ -233,6 +233,9 @@ def _uuid_only_items(mm_uuids: Mapping[str, Sequence[str | None]]) -> list[str]:
 class QTSplusMultiModalProcessor(BaseMultiModalProcessor[QTSplusProcessingInfo]):
     def __init__(self, info: QTSplusProcessingInfo, dummy_inputs: QTSplusDummyInputsBuilder) -> None:
         super().__init__(info, dummy_inputs)
+        from .deployment import check_deployment  # vLLM options QTSplus cannot serve: refused at start-up
+
+        check_deployment(info.ctx.model_config)
         # Server settings are checked when the server starts, not per request: the defaults given as
         # --mm-processor-kwargs, every QTSPLUS_* variable and, for a local checkpoint, its ViT and
         # selector tensors (a Hub checkpoint is checked by the engine when it loads the weights).

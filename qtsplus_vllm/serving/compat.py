@@ -1,0 +1,141 @@
+"""Where vLLM 0.32.x and 0.33.x differ for this plugin, in one place (docs/vllm-0.33-compat.md).
+
+Everything here detects features, never version numbers: the CPU test runs 0.33's source over an
+installed 0.32 build, where ``importlib.metadata`` still reports 0.32, and a patch release may
+back-port a change. vLLM is imported lazily, so ``api_server_rank`` (used by the torch-only
+selection runtime) costs no vLLM import.
+
+- ``DOWNLOAD_SIZE_ERRORS``: the exception classes vLLM raises when an HTTP media download is too
+  large. 0.33 adds a per-request cap (``VLLM_MAX_MEDIA_REQUEST_DOWNLOAD_SIZE_MB``,
+  ``MediaRequestDownloadSizeExceededError``); on 0.32 that name is a private class vLLM never
+  raises, so ``isinstance`` checks and ``except`` tuples stay valid on both.
+- ``MediaDecodedBudget``: 0.33's per-request decoded-bytes budget (``None`` on 0.32);
+  :func:`image_io_kwargs` and :func:`charge_decoded` use it where it exists.
+- :func:`build_chat_params`: 0.33 renders chats with the server's ``reasoning_effort_map``.
+- :func:`api_server_rank`: which of ``--api-server-count`` servers this process is.
+- :func:`check_vllm_version`: a warning (never a failure) on a vLLM minor not verified here.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import multiprocessing
+import re
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+# (major, minor) of the vLLM releases this plugin is verified against; README "vLLM versions".
+VERIFIED_MINORS = ((0, 32), (0, 33))
+
+_LAZY = ("DOWNLOAD_SIZE_ERRORS", "MediaRequestDownloadSizeExceededError", "MediaDecodedBudget")
+
+
+class _RequestDownloadCapAbsent(ValueError):
+    """Stands in for 0.33's ``MediaRequestDownloadSizeExceededError`` on a vLLM without that cap."""
+
+
+def __getattr__(name: str) -> Any:
+    if name == "MediaRequestDownloadSizeExceededError":
+        try:
+            from vllm.connections import MediaRequestDownloadSizeExceededError
+        except ImportError:  # vLLM 0.32: no per-request download cap
+            return _RequestDownloadCapAbsent
+        return MediaRequestDownloadSizeExceededError
+    if name == "DOWNLOAD_SIZE_ERRORS":
+        from vllm.connections import HTTPResponseSizeExceededError, MediaDownloadSizeExceededError
+
+        return (
+            HTTPResponseSizeExceededError,
+            MediaDownloadSizeExceededError,
+            __getattr__("MediaRequestDownloadSizeExceededError"),
+        )
+    if name == "MediaDecodedBudget":
+        try:
+            from vllm.multimodal.media import MediaDecodedBudget
+        except ImportError:  # vLLM 0.32: no decoded-media budget
+            return None
+        return MediaDecodedBudget
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])
+
+
+def vllm_version() -> str:
+    """``vllm.__version__`` of the imported vLLM (not the installed distribution's metadata)."""
+    import vllm
+
+    return str(vllm.__version__)
+
+
+def _minor(version: str) -> tuple[int, int] | None:
+    match = re.match(r"(\d+)\.(\d+)", version)
+    return (int(match[1]), int(match[2])) if match else None
+
+
+def check_vllm_version(version: str | None = None) -> bool:
+    """Whether ``version`` (default: the imported vLLM's) is a verified minor; log a warning if not."""
+    version = vllm_version() if version is None else version
+    if _minor(version) in VERIFIED_MINORS:
+        return True
+    verified = ", ".join(f"{a}.{b}.x" for a, b in VERIFIED_MINORS)
+    logger.warning(
+        "qtsplus-vllm is verified with vLLM %s; this is vLLM %s: the multimodal processor, media and "
+        "model APIs it uses may have changed (see docs/vllm-0.33-compat.md for how a release is checked)",
+        verified,
+        version,
+    )
+    return False
+
+
+def _image_io_takes_budget() -> bool:
+    from vllm.multimodal.media.image import ImageMediaIO
+
+    return "decoded_budget" in inspect.signature(ImageMediaIO.__init__).parameters
+
+
+def image_io_kwargs(connector: object) -> dict[str, Any]:
+    """Extra keyword arguments for an ``ImageMediaIO`` built on behalf of ``connector``.
+
+    0.33: the connector's per-request ``decoded_budget``, as vLLM's own ``_image_io`` passes it.
+    0.32: nothing. Its ``ImageMediaIO`` would keep an unknown keyword as a custom media-IO option.
+    """
+    if not _image_io_takes_budget():
+        return {}
+    return {"decoded_budget": getattr(connector, "decoded_budget", None)}
+
+
+def charge_decoded(media_io: object, nbytes: int) -> None:
+    """Charge ``nbytes`` of decoded media to ``media_io``'s request budget, where there is one (0.33)."""
+    budget = getattr(media_io, "decoded_budget", None)
+    if budget is not None:
+        budget.charge(int(nbytes))
+
+
+def build_chat_params(request: Any, online: Any) -> Any:
+    """``request.build_chat_params`` with the server's defaults, as vLLM's chat path calls it.
+
+    0.33 passes the renderer's ``reasoning_effort_map`` (a third parameter); 0.32 has neither.
+    """
+    kwargs = {}
+    if "reasoning_effort_map" in inspect.signature(request.build_chat_params).parameters:
+        kwargs["reasoning_effort_map"] = getattr(online, "reasoning_effort_map", None)
+    return request.build_chat_params(online.chat_template, online.chat_template_content_format, **kwargs)
+
+
+_API_SERVER_NAME = re.compile(r"ApiServer_(\d+)$")
+
+
+def api_server_rank() -> int:
+    """This process's rank among the API servers of ``--api-server-count N`` (0 when there is one).
+
+    vLLM 0.32 and 0.33 start each of N > 1 API servers as a spawned ``multiprocessing`` process named
+    ``ApiServer_<rank>`` (``v1/utils.py`` ``APIServerProcessManager``) and hand the same rank to its
+    config as ``parallel_config._api_process_rank``, which the multimodal processor cannot see (it is
+    built from the model config alone). With one API server it runs in the main process: rank 0.
+    """
+    match = _API_SERVER_NAME.search(multiprocessing.current_process().name)
+    return int(match[1]) if match else 0
