@@ -4,30 +4,34 @@ A serving process decodes, resizes and encodes whatever a client sends; these li
 request from exhausting the machine. They are read from the environment of the ``vllm serve``
 process (every process reads the same variables), so a client can never raise them.
 
-=============================  ===================================================  ==============
-variable                       what it bounds, where it is checked                   default
-=============================  ===================================================  ==============
-QTSPLUS_MAX_VIDEO_BYTES        encoded video size: data URLs before base64           512 MiB
-                               decoding, ``file://`` by its size on disk, ``http``
-                               downloads while they stream
-QTSPLUS_MAX_VIDEO_SECONDS      duration from the container header, before decoding  7200 (2 h)
-QTSPLUS_MAX_SOURCE_FRAMES      frames the decoder walks through (all of them are    432000
-                               decoded; sampling keeps few), from the header, and   (2 h at 60 fps)
-                               counted while demuxing and decoding (a header that
-                               understates the count stops the decoder at the limit)
-QTSPLUS_MAX_FRAMES             frames kept per video (``max_frames`` may not        768
-                               exceed it); at least 2 (one temporal patch)
-QTSPLUS_MAX_FRAME_PIXELS       width × height of the source frames (and of every    16777216
-                               ``data:video/jpeg`` frame), from the header, before   (4096²)
-                               decoding
-QTSPLUS_DECODE_MAX_PIXELS      frames larger than this are scaled down while they   2408448
-                               are decoded, before the exact resize (bounds the     (4 × 768 · 28²)
-                               API server's memory for the kept frames; JPEG
-                               frames of a ``data:video/jpeg`` list too)
-QTSPLUS_MAX_VIT_PATCHES        ViT patches of one video after resizing (memory of   396288
-                               the selection runtime), before preprocessing
-QTSPLUS_MAX_QUESTION_TOKENS    tokens of the question given to the selector         512
-=============================  ===================================================  ==============
+==============================  ===================================================  ==============
+variable                        what it bounds, where it is checked                   default
+==============================  ===================================================  ==============
+QTSPLUS_MAX_VIDEO_BYTES         encoded video size: data URLs before base64           512 MiB
+                                decoding, ``file://`` by its size on disk, ``http``
+                                downloads while they stream
+QTSPLUS_MAX_VIDEO_SECONDS       duration from the container header, before decoding  7200 (2 h)
+QTSPLUS_MAX_SOURCE_FRAMES       frames the decoder walks through (all of them are    432000
+                                decoded; sampling keeps few), from the header, and   (2 h at 60 fps)
+                                counted while demuxing and decoding (a header that
+                                understates the count stops the decoder at the limit)
+QTSPLUS_MAX_FRAMES              frames kept per video (``max_frames`` may not        768
+                                exceed it); at least 2 (one temporal patch)
+QTSPLUS_MAX_FRAME_PIXELS        width × height of the source frames (and of every    16777216
+                                ``data:video/jpeg`` frame), from the header, before   (4096²)
+                                decoding
+QTSPLUS_DECODE_MAX_PIXELS       frames larger than this are scaled down while they   2408448
+                                are decoded, before the exact resize (bounds the     (4 × 768 · 28²)
+                                API server's memory for the kept frames; JPEG
+                                frames of a ``data:video/jpeg`` list too)
+QTSPLUS_MAX_VIT_PATCHES         ViT patches of one video after resizing (memory of   396288
+                                the selection runtime), before preprocessing
+QTSPLUS_MAX_QUESTION_TOKENS     tokens of the question given to the selector         512
+QTSPLUS_FETCH_DEADLINE_SECONDS  wall-clock time of one ``http(s)`` video download:   120
+                                connect, vLLM's retries and their back-off, and the
+                                body however slowly it trickles (over it → HTTP 504;
+                                see ``serving/media.py``)
+==============================  ===================================================  ==============
 
 A request over a limit gets HTTP 413 with a message that names the limit, the value and the
 variable. A value that is not a positive number, or a ``QTSPLUS_MAX_FRAMES`` under 2, raises
@@ -107,6 +111,7 @@ class Limits:
     decode_max_pixels: int = 4 * 768 * 28 * 28
     max_vit_patches: int = 396_288  # REFERENCE_WORST_CASE_VIT_PATCHES
     max_question_tokens: int = 512
+    fetch_deadline_seconds: float = 120.0
 
     def __post_init__(self):
         for f in fields(self):

@@ -27,17 +27,44 @@ It changes video fetching only (images and audio go through vLLM's own code):
   it answered 5xx (after vLLM's retries) or 429; the    502   Bad Gateway: the upstream server
   connection broke off; a truncated body                      failed; a retry may succeed
   it answered 408 or 504; no answer within              504   Gateway Timeout: the upstream
-  ``VLLM_VIDEO_FETCH_TIMEOUT`` (per attempt)                  server did not answer in time
+  ``VLLM_VIDEO_FETCH_TIMEOUT`` (per attempt); the             server did not answer in time
+  download not done within
+  ``QTSPLUS_FETCH_DEADLINE_SECONDS``
   ====================================================  ====  =================================
 
-  Every one is counted in ``qtsplus_rejected_requests_total{status}``.
+  Every one is counted in ``qtsplus_rejected_requests_total{status}``;
+- an ``http(s)`` download has a total wall-clock deadline, ``QTSPLUS_FETCH_DEADLINE_SECONDS``
+  (default 120 s; validated at start-up with the other limits). vLLM's own bounds are per attempt:
+  it retries ``VLLM_MEDIA_FETCH_MAX_RETRIES`` times (default 3) and multiplies the timeout by 4 at
+  each retry (sleeping 1 s, then 4 s, between them), so one silent URL held a request for
+  30 + 1 + 120 + 4 + 480 s at the defaults; and its synchronous client's timeout bounds each socket
+  read, so a body that trickles in a byte at a time ran without end. The deadline covers the
+  download only — connection, retries, back-off and body — not the decode that follows. Past it
+  the download is cancelled (its connection closed) and the request gets 504 naming the URL and
+  the variable. The asynchronous path (the API server's) wraps vLLM's download in
+  ``asyncio.timeout``; the synchronous path (``LLM.chat``) runs the same download on a private
+  event loop for the same bound, instead of vLLM's ``requests`` client.
+
+Media threads and connections. vLLM downloads on the API server's event loop (no thread) and then
+decodes in its media thread pool (``VLLM_MEDIA_LOADING_THREAD_COUNT``, default 8 threads): a silent
+or trickling URL never holds a media thread, only the decode of bytes that did arrive does. What it
+does hold is a connection, and vLLM's shared ``aiohttp`` session allows 100 at a time in all: 100
+silent URLs made every other ``http(s)`` media fetch wait for a slot until they timed out. Our
+downloads use a session of their own (one per event loop) without that total cap: each slow
+download holds only its own connection, for at most the deadline, and their number is bounded by
+the requests in flight. A connector created with an explicit ``connection`` keeps it (with the
+deadline around it).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
+import contextvars
 import io
 import os
+import time
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
@@ -46,7 +73,12 @@ import aiohttp
 import requests
 import vllm.envs as envs
 from PIL import Image, ImageOps
-from vllm.connections import HTTPResponseSizeExceededError, MediaDownloadSizeExceededError
+from vllm.connections import (
+    HTTPConnection,
+    HTTPResponseSizeExceededError,
+    MediaDownloadSizeExceededError,
+    global_http_connection,
+)
 from vllm.exceptions import VLLMUnprocessableEntityError
 from vllm.multimodal.media import MEDIA_CONNECTOR_REGISTRY, MediaConnector, MediaWithBytes
 from vllm.multimodal.media.image import ImageMediaIO
@@ -67,6 +99,113 @@ _FETCH_ERRORS = (
     requests.RequestException,  # the synchronous path's equivalents
     OSError,
 )
+
+
+class FetchDeadlineExceeded(TimeoutError):
+    """An ``http(s)`` download still unfinished at ``QTSPLUS_FETCH_DEADLINE_SECONDS``.
+
+    A ``TimeoutError`` and not a ``ValueError``, so vLLM passes it through unwrapped.
+    """
+
+    def __init__(self, seconds: float, elapsed: float):
+        super().__init__(f"the download did not finish within {seconds:g} s")
+        self.seconds = seconds
+        self.elapsed = elapsed
+
+
+class _MediaHTTPConnection(HTTPConnection):
+    """vLLM's HTTP client with an ``aiohttp`` session of our own, without a total connection cap.
+
+    vLLM's shared session admits 100 connections in all, so 100 silent URLs would make every other
+    media download wait (see the module docstring). One session per event loop: the API server has
+    one loop; a later loop (a test, the synchronous path) gets a new session.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(reuse_client=True)
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def get_async_client(self) -> aiohttp.ClientSession:
+        loop = asyncio.get_running_loop()
+        client = self._async_client
+        if client is None or client.closed or self._loop is not loop:
+            connector = aiohttp.TCPConnector(limit=0)  # the deadline bounds each connection's time
+            self._async_client = aiohttp.ClientSession(trust_env=True, connector=connector)
+            self._loop = loop
+        return self._async_client
+
+
+_MEDIA_CONNECTION = _MediaHTTPConnection()
+
+
+# set while one of our video fetches runs (each asyncio task has its own value)
+_VIDEO_FETCH: contextvars.ContextVar[bool] = contextvars.ContextVar("qtsplus_video_fetch", default=False)
+
+
+@contextlib.contextmanager
+def _video_fetch():
+    token = _VIDEO_FETCH.set(True)
+    try:
+        yield
+    finally:
+        _VIDEO_FETCH.reset(token)
+
+
+class _DeadlineConnection:
+    """The connector's HTTP connection: during a video fetch, downloads (``get_bytes`` /
+    ``async_get_bytes``, vLLM's retries inside) go through ``video`` and end at
+    ``QTSPLUS_FETCH_DEADLINE_SECONDS``; images, audio and everything else use ``plain`` as vLLM does."""
+
+    def __init__(self, plain: Any, video: Any):
+        self._plain = plain
+        self._video = video
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._plain, name)
+
+    async def async_get_bytes(self, url: str, **kwargs: Any) -> bytes:
+        if not _VIDEO_FETCH.get():
+            return await self._plain.async_get_bytes(url, **kwargs)
+        return await _within_deadline(self._video.async_get_bytes(url, **kwargs))
+
+    def get_bytes(self, url: str, **kwargs: Any) -> bytes:
+        """For a video, the same download as the asynchronous path, on a private event loop and
+        session, so that the deadline can cancel it (vLLM's ``requests`` client bounds each socket
+        read, not the download)."""
+        if not _VIDEO_FETCH.get():
+            return self._plain.get_bytes(url, **kwargs)
+
+        async def download() -> bytes:
+            connection = _MediaHTTPConnection()
+            try:
+                return await _within_deadline(connection.async_get_bytes(url, **kwargs))
+            finally:
+                await (await connection.get_async_client()).close()
+
+        return _run_coroutine(download)
+
+
+async def _within_deadline(download):
+    seconds = server_limits().fetch_deadline_seconds
+    start = time.monotonic()
+    scope = asyncio.timeout(seconds)
+    try:
+        async with scope:
+            return await download
+    except TimeoutError as err:
+        if scope.expired():  # ours, not one of vLLM's per-attempt timeouts
+            raise FetchDeadlineExceeded(seconds, time.monotonic() - start) from err
+        raise
+
+
+def _run_coroutine(make):
+    """Run ``make()`` to completion from synchronous code, also when this thread runs an event loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(make())
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="qtsplus-fetch") as pool:
+        return pool.submit(asyncio.run, make()).result()
 
 
 class LimitedVideoMediaIO(VideoMediaIO):
@@ -134,6 +273,12 @@ def _classify(err: BaseException) -> tuple[HTTPStatus, str]:
         if 400 <= status < 500:
             return HTTPStatus.BAD_REQUEST, said
         return HTTPStatus.BAD_GATEWAY, said
+    if isinstance(err, FetchDeadlineExceeded):
+        return HTTPStatus.GATEWAY_TIMEOUT, (
+            f"the download did not finish within QTSPLUS_FETCH_DEADLINE_SECONDS={err.seconds:g} s "
+            f"(stopped after {err.elapsed:.1f} s; VLLM_VIDEO_FETCH_TIMEOUT={envs.VLLM_VIDEO_FETCH_TIMEOUT} s "
+            f"per attempt, {max(envs.VLLM_MEDIA_FETCH_MAX_RETRIES, 1)} attempts)"
+        )
     if isinstance(err, asyncio.TimeoutError | requests.Timeout):
         return HTTPStatus.GATEWAY_TIMEOUT, (
             f"no answer within VLLM_VIDEO_FETCH_TIMEOUT={envs.VLLM_VIDEO_FETCH_TIMEOUT} s "
@@ -256,7 +401,14 @@ class _LimitedFrameIO(ImageMediaIO):
 
 
 class QTSplusMediaConnector(MediaConnector):
-    """:class:`MediaConnector` whose video fetches go through :class:`LimitedVideoMediaIO`."""
+    """:class:`MediaConnector` whose video fetches go through :class:`LimitedVideoMediaIO`, and whose
+    ``http(s)`` downloads have a deadline and a connection pool of their own (module docstring)."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        plain = self.connection
+        video = _MEDIA_CONNECTION if plain is global_http_connection else plain
+        self.connection = _DeadlineConnection(plain, video)
 
     def _video_io(self, image_mode: str | None, video_processor: str | None) -> LimitedVideoMediaIO:
         image_io = _LimitedFrameIO(**({"image_mode": image_mode} | self.media_io_kwargs.get("image", {})))
@@ -272,7 +424,8 @@ class QTSplusMediaConnector(MediaConnector):
     ):
         video_io = self._video_io(image_mode, video_processor)
         try:
-            return self.load_from_url(video_url, video_io, fetch_timeout=envs.VLLM_VIDEO_FETCH_TIMEOUT)
+            with _video_fetch():
+                return self.load_from_url(video_url, video_io, fetch_timeout=envs.VLLM_VIDEO_FETCH_TIMEOUT)
         except Exception as err:
             ours = _fetch_failure(video_url, err)
             if ours is None or ours is err:
@@ -284,9 +437,10 @@ class QTSplusMediaConnector(MediaConnector):
     ):
         video_io = self._video_io(image_mode, video_processor)
         try:
-            return await self.load_from_url_async(
-                video_url, video_io, fetch_timeout=envs.VLLM_VIDEO_FETCH_TIMEOUT
-            )
+            with _video_fetch():
+                return await self.load_from_url_async(
+                    video_url, video_io, fetch_timeout=envs.VLLM_VIDEO_FETCH_TIMEOUT
+                )
         except Exception as err:
             ours = _fetch_failure(video_url, err)
             if ours is None or ours is err:

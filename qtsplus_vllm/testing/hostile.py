@@ -150,18 +150,38 @@ def jpeg_frames_url(frames: list[bytes]) -> str:
     return "data:video/jpeg;base64," + ",".join(base64.b64encode(f).decode() for f in frames)
 
 
+TRICKLE_INTERVAL = 0.25  # seconds between the bytes of a ``/trickle/N`` answer
+
+
 @contextlib.contextmanager
 def http_media_server(files: dict[str, bytes] | None = None) -> Iterator[str]:
     """A local HTTP server for fetch tests, in a thread; yields its base URL (``http://127.0.0.1:P``).
 
     Routes: ``/status/N`` answers status N; ``/loop`` redirects to itself; ``/truncated/NAME``
     announces ``files[NAME]``'s length and sends only 500 bytes; ``/big/N`` serves N zero bytes
-    with a Content-Length, ``/big-chunked/N`` without one; ``/files/NAME`` serves ``files[NAME]``.
+    with a Content-Length, ``/big-chunked/N`` without one; ``/files/NAME`` serves ``files[NAME]``;
+    ``/silent`` accepts the request and never answers; ``/trickle/N`` announces N bytes and sends
+    one byte every ``TRICKLE_INTERVAL`` seconds (each read gets data long before any per-read
+    timeout: only a total deadline ends it); ``/held`` answers how many silent and trickling
+    requests are being held now. Silent and trickling handlers stop when the server does.
     """
     import http.server
     import threading
 
     files = dict(files or {})
+    stopping = threading.Event()
+    held = [0]
+    held_lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def holding():
+        with held_lock:
+            held[0] += 1
+        try:
+            yield
+        finally:
+            with held_lock:
+                held[0] -= 1
 
     class Handler(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -200,11 +220,32 @@ def http_media_server(files: dict[str, bytes] | None = None) -> Iterator[str]:
                 self.wfile.write(b"0\r\n\r\n")
             elif route == "files" and arg in files:
                 self._send(200, files[arg])
+            elif route == "held":
+                self._send(200, str(held[0]).encode())
+            elif route == "silent":
+                with holding():
+                    stopping.wait()
+                self.close_connection = True
+            elif route == "trickle":
+                self.send_response(200)
+                self.send_header("Content-Length", arg)
+                self.end_headers()
+                with holding():
+                    for _ in range(int(arg)):
+                        if stopping.wait(TRICKLE_INTERVAL):
+                            break
+                        try:
+                            self.wfile.write(b"\0")
+                            self.wfile.flush()
+                        except OSError:  # the client gave up
+                            break
+                self.close_connection = True
             else:
                 self._send(404)
 
     class Server(http.server.ThreadingHTTPServer):
         daemon_threads = True
+        request_queue_size = 256  # many silent requests connect at once
 
         def handle_error(self, request, client_address):
             pass  # a client that stops reading a too-large body resets the connection
@@ -215,6 +256,7 @@ def http_media_server(files: dict[str, bytes] | None = None) -> Iterator[str]:
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}"
     finally:
+        stopping.set()
         server.shutdown()
         server.server_close()
         thread.join()
