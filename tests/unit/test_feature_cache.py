@@ -47,3 +47,133 @@ def test_digest_depends_on_content_shape_and_settings():
     assert frames_digest(changed, (1, 2)) != base
     assert frames_digest(frames, (1, 3)) != base
     assert frames_digest(frames.reshape(2, 2, 8, 3), (1, 2)) != base
+
+
+# -- sizing and the host tier (issue 12 item 7) --------------------------------------------------
+
+CPU = torch.device("cpu")
+
+
+def tiered(first_rows: int, host_rows: int) -> FeatureCache:
+    """A two-tier cache (both tiers in host memory here: the logic is the same as behind a GPU)."""
+    return FeatureCache(max_bytes=first_rows * 32, device=CPU, host_max_bytes=host_rows * 32)
+
+
+def test_evicted_entries_are_demoted_to_the_host_tier_not_dropped():
+    cache = tiered(100, 100)
+    for key in "abc":
+        assert cache.put(key, entry(40, float(ord(key))))
+    stats = cache.stats()
+    # a went down to the host tier; b and c are in the first tier
+    assert (stats["entries"], stats["bytes"], stats["host_entries"], stats["host_bytes"]) == (
+        2,
+        80 * 32,
+        1,
+        40 * 32,
+    )
+    assert stats["demotions"] == 1 and stats["evictions"] == 0 and len(cache) == 3
+    hit = cache.get("a", CPU)
+    assert hit is not None and float(hit.visual[0, 0]) == ord("a")
+
+
+def test_a_host_tier_hit_is_promoted_and_demotes_the_least_recent():
+    cache = tiered(100, 100)
+    for key in "abc":
+        cache.put(key, entry(40, float(ord(key))))
+    cache.get("a", CPU)  # promoted: b (least recent in the first tier) goes down
+    stats = cache.stats()
+    assert stats["promotions"] == 1 and stats["host_hits"] == 1 and stats["hits"] == 1
+    assert stats["demotions"] == 2 and stats["entries"] == 2 and stats["host_entries"] == 1
+    assert stats["bytes"] <= stats["max_bytes"] and stats["host_bytes"] <= stats["host_max_bytes"]
+    # a and c in the first tier, b in the host tier: a first-tier hit does not move anything
+    cache.get("c", CPU)
+    assert cache.stats()["promotions"] == 1 and cache.stats()["host_hits"] == 1
+    assert float(cache.get("b", CPU).visual[0, 0]) == ord("b")  # served from the host tier, promoted
+    assert cache.stats()["promotions"] == 2
+
+
+def test_each_tier_keeps_its_byte_bound_and_the_host_tier_drops_its_least_recent():
+    cache = tiered(100, 90)
+    for key in "abcdef":  # 6 × 40 rows: 2 fit the first tier, 2 the host tier
+        cache.put(key, entry(40))
+        stats = cache.stats()
+        assert stats["bytes"] <= stats["max_bytes"] and stats["host_bytes"] <= stats["host_max_bytes"]
+    stats = cache.stats()
+    assert stats["entries"] == 2 and stats["host_entries"] == 2
+    assert stats["demotions"] == 4 and stats["evictions"] == 2  # a and b left the cache
+    assert cache.get("a", CPU) is None and cache.get("b", CPU) is None
+    assert all(cache.get(key, CPU) is not None for key in "cdef")
+
+
+def test_an_entry_over_the_first_tier_goes_to_the_host_tier_and_over_both_is_refused():
+    cache = tiered(30, 100)
+    assert cache.put("big", entry(50))  # over the first tier (30 rows), within the host tier
+    stats = cache.stats()
+    assert stats["entries"] == 0 and stats["host_entries"] == 1 and stats["last_entry_bytes"] == 50 * 32
+    assert cache.get("big", CPU) is not None
+    assert cache.stats()["promotions"] == 0 and cache.stats()["host_entries"] == 1  # too big to promote
+    assert not cache.put("huge", entry(101))
+    assert cache.stats()["host_entries"] == 1
+    cache.put("big", entry(10))  # replacing a key moves it to where it fits now, once
+    stats = cache.stats()
+    assert (stats["entries"], stats["host_entries"], stats["bytes"], stats["host_bytes"]) == (1, 0, 320, 0)
+
+
+def test_stats_report_each_stored_entrys_size():
+    cache = FeatureCache(max_bytes=100 * 32, device=CPU)
+    assert cache.stats()["last_entry_bytes"] == 0
+    cache.put("a", entry(40))
+    assert cache.stats()["last_entry_bytes"] == 40 * 32 == cache.stats()["largest_entry_bytes"]
+    cache.put("b", CachedFeatures(torch.zeros((10, 8), dtype=torch.bfloat16), (1, 2, 5), 2))
+    stats = cache.stats()
+    assert stats["last_entry_bytes"] == 10 * 8 * 2 and stats["largest_entry_bytes"] == 40 * 32
+    # the keys vLLM's metrics read are still there, with the first tier's meaning
+    assert {"entries", "bytes", "max_bytes", "hits", "misses", "evictions"} <= stats.keys()
+    assert cache.stats()["host_max_bytes"] == 0  # no second tier unless asked for
+
+
+def test_without_a_host_tier_evictions_drop_entries():
+    cache = FeatureCache(max_bytes=100 * 32, device=CPU)
+    for key in "abc":
+        cache.put(key, entry(40))
+    assert cache.stats()["evictions"] == 1 and cache.stats()["demotions"] == 0 and len(cache) == 2
+
+
+def test_a_cache_turned_off_has_no_host_tier():
+    cache = FeatureCache(max_bytes=0, device=CPU, host_max_bytes=1 << 20)
+    assert cache.stats()["host_max_bytes"] == 0 and not cache.put("a", entry(1))
+
+
+def test_automatic_sizing_rule(monkeypatch):
+    import qtsplus_vllm.feature_cache as fc
+
+    GiB = 1 << 30
+    free = {"cpu": 12 * GiB, "cuda": 40 * GiB}
+    monkeypatch.setattr(fc, "free_memory", lambda device: free[device.type])
+    cuda = torch.device("cuda:0")
+    # a quarter of what is free, capped: 8 GiB on the GPU (a quarter of 40 is 10), 3 GiB of host RAM
+    assert fc.tier_sizes(cuda, None, None) == (8 * GiB, 3 * GiB)
+    free["cuda"] = 6 * GiB  # a GPU shared with vLLM's engine: little left
+    assert fc.tier_sizes(cuda, None, None) == (int(1.5 * GiB), 3 * GiB)
+    free["cpu"] = 200 * GiB
+    assert fc.tier_sizes(cuda, None, None)[1] == 16 * GiB
+    # explicit sizes win; 0 turns the cache (both tiers) off
+    assert fc.tier_sizes(cuda, 2 * GiB, 5 * GiB) == (2 * GiB, 5 * GiB)
+    assert fc.tier_sizes(cuda, None, 0) == (int(1.5 * GiB), 0)
+    assert fc.tier_sizes(cuda, 0, None) == (0, 0)
+    # a CPU runtime: one tier in host RAM (a second would be the same memory)
+    free["cpu"] = 12 * GiB
+    assert fc.tier_sizes(CPU, None, None) == (3 * GiB, 0)
+    assert fc.tier_sizes(CPU, None, 4 * GiB) == (3 * GiB, 0)
+    free["cpu"] = 100 * GiB
+    assert fc.tier_sizes(CPU, None, None) == (8 * GiB, 0)
+    cache = fc.FeatureCache.sized(cuda, None, None)
+    assert (cache.max_bytes, cache.host_max_bytes) == (int(1.5 * GiB), 16 * GiB)
+
+
+def test_free_memory_reads_the_host_on_cpu():
+    import psutil
+
+    from qtsplus_vllm.feature_cache import free_memory
+
+    assert abs(free_memory(CPU) - psutil.virtual_memory().available) < 1 << 30
