@@ -81,14 +81,31 @@ def cpu_threads() -> int:
     return int(value)
 
 
-def feature_cache_settings() -> tuple[int, torch.device | None]:
-    """(max bytes, device or None for the runtime's) from the environment."""
-    raw = os.environ.get("QTSPLUS_FEATURE_CACHE_BYTES", "").strip()
-    if raw and not raw.isdigit():
-        raise ValueError(f"QTSPLUS_FEATURE_CACHE_BYTES must be a non-negative integer, got {raw!r}")
-    max_bytes = int(raw) if raw else 1 << 30
-    device = os.environ.get("QTSPLUS_FEATURE_CACHE_DEVICE", "").strip()
-    return max_bytes, torch.device(device) if device else None
+def feature_cache_settings() -> tuple[int | None, torch.device | None, int | None]:
+    """(first-tier bytes, its device or None for the runtime's, host-tier bytes) from the environment.
+
+    ``QTSPLUS_FEATURE_CACHE_BYTES`` (0 turns the cache off), ``QTSPLUS_FEATURE_CACHE_DEVICE``,
+    ``QTSPLUS_FEATURE_CACHE_HOST_BYTES`` (the host-memory tier behind a GPU first tier). Bytes None
+    (unset): sized from the machine when the runtime loads (:func:`feature_cache.tier_sizes`).
+    """
+
+    def size(variable: str) -> int | None:
+        raw = os.environ.get(variable, "").strip()
+        if raw and not raw.isdigit():
+            raise ValueError(f"{variable} must be a non-negative integer (bytes), got {raw!r}")
+        return int(raw) if raw else None
+
+    first, host = size("QTSPLUS_FEATURE_CACHE_BYTES"), size("QTSPLUS_FEATURE_CACHE_HOST_BYTES")
+    name = os.environ.get("QTSPLUS_FEATURE_CACHE_DEVICE", "").strip()
+    device = None
+    if name:
+        try:
+            device = torch.device(name)
+        except RuntimeError as err:
+            raise ValueError(f"QTSPLUS_FEATURE_CACHE_DEVICE={name!r} is not a torch device: {err}") from None
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"QTSPLUS_FEATURE_CACHE_DEVICE={name!r}: the cache lives on cpu or cuda[:N]")
+    return first, device, host
 
 
 @contextlib.contextmanager
@@ -295,8 +312,8 @@ class SelectionRuntime:
         self.selector.load_state_dict(reader.load_prefix(SELECTOR_PREFIX, dtype=dtype, device=self.device))
         self.embed_tokens = reader.load([EMBED_KEY], dtype=dtype)[EMBED_KEY]  # [V, D], stays on CPU
         self.lock = threading.Lock()
-        max_bytes, cache_device = feature_cache_settings()
-        self.feature_cache = FeatureCache(max_bytes, cache_device or self.device)
+        max_bytes, cache_device, host_bytes = feature_cache_settings()
+        self.feature_cache = FeatureCache.sized(cache_device or self.device, max_bytes, host_bytes)
 
     def _sync(self) -> None:
         if self.device.type == "cuda":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from qtsplus_vllm.feature_cache import CachedFeatures, FeatureCache, frames_digest
@@ -177,3 +178,30 @@ def test_free_memory_reads_the_host_on_cpu():
     from qtsplus_vllm.feature_cache import free_memory
 
     assert abs(free_memory(CPU) - psutil.virtual_memory().available) < 1 << 30
+
+
+def test_settings_from_the_environment(monkeypatch):
+    from qtsplus_vllm.runtime import check_server_settings, feature_cache_settings
+
+    for name in (
+        "QTSPLUS_FEATURE_CACHE_BYTES",
+        "QTSPLUS_FEATURE_CACHE_HOST_BYTES",
+        "QTSPLUS_FEATURE_CACHE_DEVICE",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    assert feature_cache_settings() == (None, None, None)  # sized from the machine
+    monkeypatch.setenv("QTSPLUS_FEATURE_CACHE_BYTES", "0")
+    monkeypatch.setenv("QTSPLUS_FEATURE_CACHE_HOST_BYTES", "4096")
+    monkeypatch.setenv("QTSPLUS_FEATURE_CACHE_DEVICE", "cpu")
+    assert feature_cache_settings() == (0, CPU, 4096)
+    check_server_settings()
+    for name, value in [
+        ("QTSPLUS_FEATURE_CACHE_HOST_BYTES", "4GiB"),
+        ("QTSPLUS_FEATURE_CACHE_BYTES", "-1"),
+        ("QTSPLUS_FEATURE_CACHE_DEVICE", "gpu"),
+        ("QTSPLUS_FEATURE_CACHE_DEVICE", "meta"),
+    ]:
+        with monkeypatch.context() as patch:
+            patch.setenv(name, value)
+            with pytest.raises(ValueError, match=name):
+                check_server_settings()
