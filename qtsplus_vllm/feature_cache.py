@@ -254,6 +254,17 @@ class FeatureCache:
                 self._store_first(key, entry)
             else:
                 self._store_host(key, entry)
+            tiers = f"first tier {self.bytes / GiB:.2f}/{self.max_bytes / GiB:.2f} GiB"
+            if self.host_max_bytes:
+                tiers += f", host tier {self.host_bytes / GiB:.2f}/{self.host_max_bytes / GiB:.2f} GiB"
+        logger.info(
+            "QTSplus ViT-feature cache: stored %s (%s bytes, M=%d) in the %s tier; %s",
+            list(entry.visual.shape),
+            f"{size:,}",
+            entry.visual.shape[0],
+            "first" if first else "host",
+            tiers,
+        )
         return True
 
     def clear(self) -> None:

@@ -10,7 +10,11 @@ servers), so metrics created here appear next to vLLM's own. Created on first us
   feature-cache hits, decoding only for videos decoded in the processor — the streamed path, whose
   decoder runs on its own thread next to preprocessing and the ViT, so the stages overlap);
 - ``qtsplus_feature_cache_hits_total`` / ``_misses_total`` (counters), ``qtsplus_feature_cache_bytes``
-  and ``qtsplus_feature_cache_entries`` (gauges);
+  and ``qtsplus_feature_cache_entries`` (gauges: the first tier, on the selection device),
+  ``qtsplus_feature_cache_host_bytes`` / ``_host_entries`` (gauges: the host-memory tier),
+  ``qtsplus_feature_cache_max_bytes`` / ``_host_max_bytes`` (gauges: each tier's bound) and
+  ``qtsplus_feature_cache_entry_bytes`` (histogram: the size M × D × dtype of each video's ViT
+  features, observed when they are computed);
 - ``qtsplus_rejected_requests_total{status}``: requests refused by a limit (413), bad input or an
   unusable URL (400), a failed or timed-out upstream (502, 504) or an unavailable selection
   runtime (503), by HTTP status.
@@ -24,6 +28,7 @@ from types import SimpleNamespace
 from prometheus_client import Counter, Gauge, Histogram
 
 _TOKENS = (16, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
+_BYTES = (1e5, 1e6, 1e7, 5e7, 1e8, 2.5e8, 5e8, 1e9, 2e9, 4e9)
 _SECONDS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -82,6 +87,31 @@ def _create() -> SimpleNamespace:
             "Videos held by the ViT-feature cache",
             multiprocess_mode="livesum",
         ),
+        cache_host_bytes=Gauge(
+            "qtsplus_feature_cache_host_bytes",
+            "Bytes held by the ViT-feature cache's host-memory tier",
+            multiprocess_mode="livesum",
+        ),
+        cache_host_entries=Gauge(
+            "qtsplus_feature_cache_host_entries",
+            "Videos held by the ViT-feature cache's host-memory tier",
+            multiprocess_mode="livesum",
+        ),
+        cache_max_bytes=Gauge(
+            "qtsplus_feature_cache_max_bytes",
+            "Bound of the ViT-feature cache's first tier (selection device)",
+            multiprocess_mode="livesum",
+        ),
+        cache_host_max_bytes=Gauge(
+            "qtsplus_feature_cache_host_max_bytes",
+            "Bound of the ViT-feature cache's host-memory tier",
+            multiprocess_mode="livesum",
+        ),
+        cache_entry_bytes=Histogram(
+            "qtsplus_feature_cache_entry_bytes",
+            "Size of one video's ViT features (M x D in the model dtype), as computed",
+            buckets=_BYTES,
+        ),
         rejected=Counter("qtsplus_rejected_requests", "Requests refused by QTSplus checks", ["status"]),
     )
 
@@ -101,9 +131,20 @@ def observe_selection(result, cache_stats: dict[str, int]) -> None:
             m.decode_seconds.observe(timings["decode_ms"] / 1e3)
         m.preprocess_seconds.observe(timings["preprocess_ms"] / 1e3)
         m.vit_seconds.observe(timings["vit_ms"] / 1e3)
+        embeds = getattr(result, "embeds", None)
+        if embeds is not None and embeds.dim() == 2:  # the features are M rows of the embeddings' D
+            m.cache_entry_bytes.observe(result.num_visual_tokens * embeds.shape[1] * embeds.element_size())
     m.selector_seconds.observe(timings["selector_ms"] / 1e3)
     m.cache_bytes.set(cache_stats["bytes"])
     m.cache_entries.set(cache_stats["entries"])
+    for gauge, key in [
+        (m.cache_host_bytes, "host_bytes"),
+        (m.cache_host_entries, "host_entries"),
+        (m.cache_max_bytes, "max_bytes"),
+        (m.cache_host_max_bytes, "host_max_bytes"),
+    ]:
+        if key in cache_stats:
+            gauge.set(cache_stats[key])
 
 
 def observe_rejection(status: int) -> None:

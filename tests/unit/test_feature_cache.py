@@ -205,3 +205,53 @@ def test_settings_from_the_environment(monkeypatch):
             patch.setenv(name, value)
             with pytest.raises(ValueError, match=name):
                 check_server_settings()
+
+
+def test_metrics_show_both_tiers_and_each_entrys_size():
+    from types import SimpleNamespace
+
+    from prometheus_client import REGISTRY
+
+    from qtsplus_vllm.serving.metrics import observe_selection
+
+    def value(name: str, suffix: str = "") -> float:
+        return REGISTRY.get_sample_value(name + suffix) or 0.0
+
+    cache = tiered(100, 100)
+    for key in "abc":
+        cache.put(key, entry(40))
+    before = (
+        value("qtsplus_feature_cache_entry_bytes", "_sum"),
+        value("qtsplus_feature_cache_entry_bytes", "_count"),
+    )
+    result = SimpleNamespace(
+        num_visual_tokens=40,
+        n=4,
+        embeds=torch.zeros((4, 8), dtype=torch.float32),
+        cache_hit=False,
+        timings_ms={"preprocess_ms": 1.0, "vit_ms": 1.0, "selector_ms": 1.0},
+    )
+    observe_selection(result, cache.stats())
+    assert value("qtsplus_feature_cache_entry_bytes", "_sum") == before[0] + 40 * 32
+    assert value("qtsplus_feature_cache_entry_bytes", "_count") == before[1] + 1
+    assert value("qtsplus_feature_cache_bytes") == 80 * 32 and value("qtsplus_feature_cache_entries") == 2
+    assert (
+        value("qtsplus_feature_cache_host_bytes") == 40 * 32
+        and value("qtsplus_feature_cache_host_entries") == 1
+    )
+    assert value("qtsplus_feature_cache_max_bytes") == 100 * 32
+    assert value("qtsplus_feature_cache_host_max_bytes") == 100 * 32
+    observe_selection(result, {"bytes": 0, "entries": 0})  # a stats() without tiers still works
+
+
+def test_each_stored_entry_is_logged_with_its_size(caplog):
+    import logging
+
+    cache = tiered(100, 100)
+    with caplog.at_level(logging.INFO, logger="vllm.qtsplus"):
+        cache.put("a", entry(40))
+    assert any(
+        "stored [40, 8] (1,280 bytes, M=40) in the first tier; first tier 0.00/0.00 GiB, host tier"
+        in r.getMessage()
+        for r in caplog.records
+    ), caplog.text
