@@ -126,7 +126,7 @@ def build_chat_params(request: Any, online: Any) -> Any:
     return request.build_chat_params(online.chat_template, online.chat_template_content_format, **kwargs)
 
 
-_API_SERVER_NAME = re.compile(r"ApiServer_(\d+)$")
+_API_SERVER_NAME = re.compile(r"(?:ApiServer_|APIServer_DPRank_)(\d+)$")
 
 
 def api_server_rank() -> int:
@@ -136,6 +136,8 @@ def api_server_rank() -> int:
     ``ApiServer_<rank>`` (``v1/utils.py`` ``APIServerProcessManager``) and hand the same rank to its
     config as ``parallel_config._api_process_rank``, which the multimodal processor cannot see (it is
     built from the model config alone). With one API server it runs in the main process: rank 0.
+    In the multi-port external load-balancing mode (``--data-parallel-multi-port-external-lb``) each
+    local data-parallel rank gets its own API server, ``APIServer_DPRank_<dp rank>``: that rank.
     """
     match = _API_SERVER_NAME.search(multiprocessing.current_process().name)
     return int(match[1]) if match else 0

@@ -51,6 +51,13 @@ def test_api_server_rank_from_vllms_process_name(api_server):
     assert compat.api_server_rank() == 3
 
 
+def test_api_server_rank_in_multi_port_data_parallel(monkeypatch):
+    monkeypatch.setattr(multiprocessing.current_process(), "name", "APIServer_DPRank_5")
+    assert compat.api_server_rank() == 5
+    monkeypatch.setattr(multiprocessing.current_process(), "name", "EngineCore_DP1")
+    assert compat.api_server_rank() == 0  # not an API server
+
+
 def test_device_list_is_assigned_by_api_server_rank(monkeypatch, api_server):
     monkeypatch.setenv("QTSPLUS_DEVICE", "cpu, cuda:1")
     api_server(0)
