@@ -37,6 +37,7 @@ from PIL import Image
 from pydantic import BaseModel, model_validator
 
 from ..runtime import VideoSelection, get_runtime
+from .compat import build_chat_params
 from .processor import _as_frames, _report, _select, selection_inputs
 
 ROUTE = "/v1/qtsplus/selection"
@@ -225,7 +226,7 @@ class SelectionInspector:
             trust_request_mm_kwargs=online.trust_request_mm_kwargs,
         )
         mm_config = self.model_config.multimodal_config
-        chat_params = chat.build_chat_params(online.chat_template, online.chat_template_content_format)
+        chat_params = build_chat_params(chat, online)  # the chat path's defaults, on vLLM 0.32 and 0.33
         chat_params = chat_params.with_defaults(
             online.default_chat_template_kwargs,
             default_media_io_kwargs=mm_config.media_io_kwargs if mm_config else None,
