@@ -39,6 +39,7 @@ LIMITS = {
     "QTSPLUS_MAX_VIT_PATCHES": 8_000,  # the good video at the default settings: 1,120
 }
 MAX_MODEL_LEN = 1024
+FETCH_DEADLINE = 15  # QTSPLUS_FETCH_DEADLINE_SECONDS of this server
 QUESTION = "What is moving in the video?"
 
 
@@ -64,8 +65,8 @@ def server(assets, vllm_cache_root):
     ]  # fmt: skip
     env = {k: str(v) for k, v in LIMITS.items()}
     env.update(QTSPLUS_TEST_OOM_WIDTH=str(OOM_WIDTH), PYTHONPATH=str(FAULTS), VLLM_VIDEO_FETCH_TIMEOUT="5")
-    # one retry: exercised, and a silent server costs 5 + 1 + 20 s
-    env.update(VLLM_MEDIA_FETCH_MAX_RETRIES="2")
+    # one retry: exercised; a silent server would cost vLLM 5 + 1 + 20 s, the deadline stops it at 15
+    env.update(VLLM_MEDIA_FETCH_MAX_RETRIES="2", QTSPLUS_FETCH_DEADLINE_SECONDS=str(FETCH_DEADLINE))
     with RemoteServer(model, args, env=env, cache_root=vllm_cache_root) as remote:
         yield remote
 
@@ -342,8 +343,9 @@ def test_long_60fps_video_keeps_one_frame_per_second(http, server, good_request)
 
 
 def test_fetch_of_a_silent_server_times_out(http, good_request):
-    """An http URL whose server accepts and never answers: a 504 after VLLM_VIDEO_FETCH_TIMEOUT (5 s, then
-    a retry with 20 s)."""
+    """An http URL whose server accepts and never answers: a 504 at QTSPLUS_FETCH_DEADLINE_SECONDS (15 s;
+    vLLM alone: VLLM_VIDEO_FETCH_TIMEOUT 5 s, 1 s back-off, a retry with 20 s = 26 s; 112 s with vLLM's
+    default 3 attempts)."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(8)
@@ -362,7 +364,9 @@ def test_fetch_of_a_silent_server_times_out(http, good_request):
     thread.start()
     try:
         port = listener.getsockname()[1]
+        start = time.monotonic()
         response = post(http, {**body(f"http://127.0.0.1:{port}/v.mp4"), "model": good_request["model"]})
+        elapsed = time.monotonic() - start
     finally:
         stop.set()
         thread.join()
@@ -372,9 +376,60 @@ def test_fetch_of_a_silent_server_times_out(http, good_request):
     # the upstream did not answer in time: 504 Gateway Timeout (was 400 before the statuses said whose fault)
     assert response.status_code == 504, response.text[:500]
     assert re.search(
-        r"cannot fetch the video_url http://\S+/v.mp4: no answer within VLLM_VIDEO_FETCH_TIMEOUT=5 s",
+        rf"cannot fetch the video_url http://\S+/v.mp4: the download did not finish within "
+        rf"QTSPLUS_FETCH_DEADLINE_SECONDS={FETCH_DEADLINE} s \(stopped after 1\d\.\d s; "
+        r"VLLM_VIDEO_FETCH_TIMEOUT=5 s per attempt, 2 attempts\)",
         response.json()["error"]["message"],
-    )
+    ), response.json()["error"]["message"]
+    assert FETCH_DEADLINE <= elapsed < FETCH_DEADLINE + 5, elapsed  # was 26 s
+
+
+def test_silent_urls_in_flight_do_not_delay_a_valid_request(
+    http, server, good_request, oracle, assets, media_server
+):
+    """More silent URLs in flight than vLLM has media threads (8): valid requests — a file:// video and
+    an http:// one — are answered at once, exactly as the oracle says, while the silent ones are still
+    held; those end at the deadline with a 504."""
+    silent = 10
+    good = assets[2]
+    with (
+        httpx.Client(base_url=server.base_url, timeout=120) as other,
+        concurrent.futures.ThreadPoolExecutor(silent) as pool,
+    ):
+        start = time.monotonic()
+        held = [
+            pool.submit(
+                post,
+                other,
+                {**body(f"{media_server}/silent", text=f"silent {i}"), "model": good_request["model"]},
+            )
+            for i in range(silent)
+        ]
+        while httpx.get(f"{media_server}/held").json() < silent:  # every silent fetch is connected
+            assert time.monotonic() - start < FETCH_DEADLINE / 3, "the silent fetches did not all start"
+            time.sleep(0.05)
+        for url in (f"file://{good}", f"{media_server}/files/good.mp4"):
+            valid, expected = bystander(good_request, oracle, good)
+            valid = {
+                **valid,
+                **body(url, text=valid["messages"][0]["content"][-1]["text"]),
+                "model": valid["model"],
+            }
+            valid["return_token_ids"] = True
+            clock = time.monotonic()
+            response = post(http, valid)
+            latency = time.monotonic() - clock
+            print(f"valid request ({url.split(':')[0]}) with {silent} silent URLs in flight: {latency:.2f} s")
+            assert response.status_code == 200, response.text[:500]
+            assert response.json()["choices"][0]["token_ids"] == expected
+            assert latency < FETCH_DEADLINE / 3, (url, latency)
+            assert not any(future.done() for future in held)  # the silent ones are still in flight
+        answers = [future.result() for future in held]
+        waited = time.monotonic() - start
+    assert all(answer.status_code == 504 for answer in answers), [a.text[:200] for a in answers]
+    assert all("QTSPLUS_FETCH_DEADLINE_SECONDS" in answer.json()["error"]["message"] for answer in answers)
+    assert FETCH_DEADLINE <= waited < FETCH_DEADLINE + 10, waited
+    assert http.get(server.url_for("health")).status_code == 200
 
 
 def test_refusals_are_counted_in_metrics(server, http):
@@ -387,4 +442,4 @@ def test_refusals_are_counted_in_metrics(server, http):
         if line.startswith(f'qtsplus_rejected_requests_total{{status="{status}"}}')
     }
     assert counts.get("413", 0) >= 8 and counts.get("503", 0) >= 1 and counts.get("400", 0) >= 3, counts
-    assert counts.get("502", 0) >= 3 and counts.get("504", 0) >= 1, counts
+    assert counts.get("502", 0) >= 3 and counts.get("504", 0) >= 11, counts  # 1 + 10 silent URLs
