@@ -255,3 +255,24 @@ def test_each_stored_entry_is_logged_with_its_size(caplog):
         in r.getMessage()
         for r in caplog.records
     ), caplog.text
+
+
+@pytest.mark.parametrize(
+    "size, minutes, frames, m",
+    [((1280, 720), 10, 600, 54_000), ((1920, 1080), 10, 600, 54_000), ((1280, 720), 30, 768, 69_120),
+     ((1920, 1080), 60, 768, 69_120)],
+)  # fmt: skip
+def test_the_readme_sizing_table(size, minutes, frames, m):
+    """M and bytes per video at the reference settings (fps 1, <= 768 frames, max_pixels 360*420)."""
+    from qwen_vl_utils import vision_process as qwen_vl
+
+    from qtsplus_vllm.video import PreprocessConfig, target_size
+
+    width, height = size
+    t = qwen_vl.smart_nframes({"fps": 1.0, "max_frames": 768}, total_frames=minutes * 60 * 30, video_fps=30)
+    h, w = target_size(height, width, t, PreprocessConfig())
+    assert (t, (h, w)) == (frames, (280, 504))
+    assert (t // 2) * (h // 28) * (w // 28) == m
+    sizes = {model: round(m * d * 2 / 1e6) for model, d in (("3B", 2048), ("7B", 3584))}
+    assert sizes == ({"3B": 221, "7B": 387} if m == 54_000 else {"3B": 283, "7B": 495})
+    assert (8 << 30) // (m * 3584 * 2) == (22 if m == 54_000 else 17)
