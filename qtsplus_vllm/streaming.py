@@ -285,10 +285,13 @@ def iter_vision_inputs(
             if seen != num_frames:
                 raise ValueError(f"a chunk of {x.shape[0]} frames: only the last chunk may be odd")
             x = torch.cat([x, x[-1:].expand(FRAME_FACTOR - x.shape[0] % FRAME_FACTOR, -1, -1, -1)])
-        # [c, 3, H, W] uint8, contiguous: the resize kernel then reads and writes NCHW without the
-        # copies a channels-last view costs (~30 % of its time); the values are the same
-        x = x.to(device=device, non_blocking=True).permute(0, 3, 1, 2).contiguous()
-        parts = [resize_frames(x[i : i + RESIZE_BATCH], size) for i in range(0, x.shape[0], RESIZE_BATCH)]
+        x = x.to(device=device, non_blocking=True).permute(0, 3, 1, 2)  # [c, 3, H, W] uint8
+        # RESIZE_BATCH frames at a time, made contiguous: the resize kernel then reads and writes
+        # NCHW without the copies a channels-last view costs (~30 % of its time); same values
+        parts = [
+            resize_frames(x[i : i + RESIZE_BATCH].contiguous(), size)
+            for i in range(0, x.shape[0], RESIZE_BATCH)
+        ]
         x = torch.cat(parts) if len(parts) > 1 else parts[0]
         del parts
         x = (x / 255.0 - mean) / std
