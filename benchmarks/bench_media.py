@@ -207,7 +207,7 @@ def worker_streaming(args) -> dict:
 
     runtime, device = _runtime(args)
     limits, sampling, options = Limits.from_env(), SamplingConfig(), SelectionOptions()
-    out = {"chunk_frames": stream_chunk_frames()}
+    out = {"chunk_frames_setting": stream_chunk_frames()}
     reset_cuda_peak(device)
     with PeakRSS() as rss:
         clock = time.perf_counter()
@@ -303,6 +303,50 @@ def run_worker(name: str, args, model: Path, video: Path) -> dict:
         return {"status": "failed", "error": (proc.stdout + proc.stderr)[-3000:]}
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     return {"status": "ok", **result}
+
+
+# ----------------------------------------------------------------------------- memory model
+
+
+def memory_model(
+    width: int,
+    height: int,
+    kept_frames: int,
+    encoded_bytes: int,
+    feature_dim: int = 128,
+    feature_bytes: int = 4,
+    chunk: int | None = None,
+) -> dict:
+    """Host bytes one in-flight video takes on the streamed CPU path, stage by stage (README:
+    "Long videos: memory and time"). ViT activations are left out (small for the tiny checkpoint;
+    on a GPU they are GPU memory), and so are FFmpeg's reference frames (tens of MB)."""
+    from qtsplus_vllm.limits import Limits
+    from qtsplus_vllm.streaming import QUEUE_CHUNKS, chunk_frames_for, resize_batch_for
+    from qtsplus_vllm.video import PreprocessConfig, decode_size, target_size
+
+    wd, hd = decode_size(width, height, Limits.from_env().decode_max_pixels)
+    chunk = chunk_frames_for(hd, wd, chunk)
+    batch = resize_batch_for(hd, wd)
+    t = kept_frames + kept_frames % 2
+    h, w = target_size(hd, wd, t, PreprocessConfig())
+    px, out = wd * hd, w * h
+    parts = {
+        "encoded": encoded_bytes,
+        "decoded_chunks": (QUEUE_CHUNKS + 2) * chunk * px * 3,
+        # a contiguous uint8 batch, torchvision's float copy of it, the horizontal pass, the output
+        "resize": batch * (px * 3 + px * 3 * 4 + hd * w * 3 * 4 + out * 3 * 4),
+        # resized float frames, two normalisation temporaries, the patchified copy
+        "chunk_pixels": 4 * chunk * out * 3 * 4,
+        "features": t // 2 * (h // 28) * (w // 28) * feature_dim * feature_bytes,
+    }
+    parts["total"] = sum(parts.values())
+    return {
+        "decode_size": [wd, hd],
+        "resized": [w, h],
+        "chunk_frames": chunk,
+        "resize_batch": batch,
+        "mib": {k: v / 2**20 for k, v in parts.items()},
+    }
 
 
 # ----------------------------------------------------------------------------- record
@@ -422,7 +466,7 @@ def plot(result: dict, path: Path) -> None:
     ax_t.set_yticks(range(len(rows)), [r[0] for r in rows])
     ax_t.invert_yaxis()
     ax_t.set_xlabel("seconds")
-    ax_t.legend(fontsize=7, loc="lower right")
+    ax_t.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.14))
     v = result["video"]
     ax_t.set_title(f"{v['width']}x{v['height']} {v['seconds'] or 0:.0f} s, {result['settings']['device']}")
     names = [n for n in ("floor", "streaming", "legacy") if paths.get(n, {}).get("status") == "ok"]
@@ -534,6 +578,9 @@ def main(argv: list[str] | None = None) -> int:
         "paths": paths,
     }
     s, f = paths.get("streaming", {}), paths.get("floor", {})
+    if s.get("status") == "ok" and args.device == "cpu":
+        model = memory_model(info["width"], info["height"], s["frames"], info["bytes"])
+        result["memory_model"] = {**model, "measured_peak_rss_delta_mib": s["peak_rss_delta_mib"]}
     if s.get("status") == "ok" and f.get("status") == "ok":
         result["derived"] = {
             "streaming_wall_over_floor": s["wall_ms"] / f["decode_all_ms"],

@@ -39,7 +39,14 @@ from .feature_cache import CachedFeatures, FeatureCache, frames_digest
 from .limits import SelectionUnavailable
 from .options import SelectionOptions
 from .selector import QTSplusSelector
-from .streaming import LazyVideo, chunk_geometry, frame_chunks, iter_vision_inputs, stream_chunk_frames
+from .streaming import (
+    LazyVideo,
+    chunk_frames_for,
+    chunk_geometry,
+    frame_chunks,
+    iter_vision_inputs,
+    stream_chunk_frames,
+)
 from .video import FrameCountMismatch, PreprocessConfig, vit_patch_count
 from .vision import VisionEncoder
 
@@ -374,11 +381,13 @@ class SelectionRuntime:
             # core fewer meanwhile. All cores for both oversubscribe them and torch's OpenMP threads
             # spin against the decoder (measured on 2 cores: the ViT 5x slower, the video 2x).
             threads = max(1, cpu_threads() - 1) if self.device.type == "cpu" else None
+            chunk = chunk_frames_for(*frames.shape[1:3], chunk)
             with torch_threads(threads) if threads else contextlib.nullcontext():
                 return self._encode_stream(frames, chunk, preprocess, timings)
         frames = np.asarray(frames)
         if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
             raise ValueError(f"frames must be uint8 [T, H, W, 3], got {frames.dtype} {list(frames.shape)}")
+        chunk = chunk_frames_for(*frames.shape[1:3], chunk)
         return self._encode_chunks(frame_chunks(frames, chunk), frames.shape, preprocess, timings)
 
     def _encode_stream(

@@ -41,7 +41,9 @@ from .video import (
 CHUNK_FRAMES_ENV = "QTSPLUS_STREAM_CHUNK_FRAMES"
 DEFAULT_CHUNK_FRAMES = 32
 QUEUE_CHUNKS = 1  # decoded chunks waiting for the consumer (one more is being filled, one consumed)
-RESIZE_BATCH = 8  # frames resized at once: bounds the float copy torchvision makes of its input
+CHUNK_BYTES = 96 << 20  # at most this much decoded RGB per chunk (fewer frames for large sources)
+RESIZE_BATCH = 8  # frames resized at once: bounds the float copy torchvision makes of its input...
+RESIZE_BYTES = 128 << 20  # ...to about this much (uint8 batch + its float copy + the passes)
 FRAME_FACTOR = 2  # frames per temporal patch
 
 
@@ -55,6 +57,20 @@ def stream_chunk_frames() -> int:
             f"{CHUNK_FRAMES_ENV} must be a positive even integer (whole temporal patches), got {raw!r}"
         )
     return int(raw)
+
+
+def chunk_frames_for(height: int, width: int, setting: int | None = None) -> int:
+    """Frames per chunk for frames of height x width: the setting (``QTSPLUS_STREAM_CHUNK_FRAMES``),
+    lowered to an even count whose decoded RGB fits :data:`CHUNK_BYTES` (16 frames at 1080p)."""
+    setting = setting or stream_chunk_frames()
+    fit = CHUNK_BYTES // max(1, height * width * 3)
+    return max(FRAME_FACTOR, min(setting, fit - fit % FRAME_FACTOR))
+
+
+def resize_batch_for(height: int, width: int) -> int:
+    """Frames resized at once for frames of height x width (8 up to 720p, 4 at 1080p)."""
+    per_frame = height * width * 3 * (1 + 4 + 1)  # uint8 copy, float copy, the passes (about)
+    return max(1, min(RESIZE_BATCH, RESIZE_BYTES // max(1, per_frame)))
 
 
 class EncodedVideo(np.ndarray):
@@ -270,6 +286,7 @@ def iter_vision_inputs(
     device = torch.device(device)
     num_frames = shape[0]
     _, size, _ = chunk_geometry(shape, config)
+    batch = resize_batch_for(shape[1], shape[2])
     mean = torch.tensor(config.image_mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(config.image_std, device=device).view(1, 3, 1, 1)
     seen = 0
@@ -288,10 +305,7 @@ def iter_vision_inputs(
         x = x.to(device=device, non_blocking=True).permute(0, 3, 1, 2)  # [c, 3, H, W] uint8
         # RESIZE_BATCH frames at a time, made contiguous: the resize kernel then reads and writes
         # NCHW without the copies a channels-last view costs (~30 % of its time); same values
-        parts = [
-            resize_frames(x[i : i + RESIZE_BATCH].contiguous(), size)
-            for i in range(0, x.shape[0], RESIZE_BATCH)
-        ]
+        parts = [resize_frames(x[i : i + batch].contiguous(), size) for i in range(0, x.shape[0], batch)]
         x = torch.cat(parts) if len(parts) > 1 else parts[0]
         del parts
         x = (x / 255.0 - mean) / std

@@ -328,3 +328,15 @@ def test_chunk_setting_is_validated(monkeypatch):
         streaming.stream_chunk_frames()
     monkeypatch.setenv("QTSPLUS_STREAM_CHUNK_FRAMES", "64")
     assert streaming.stream_chunk_frames() == 64
+
+
+def test_chunks_and_resize_batches_shrink_for_large_frames():
+    """Decoded bytes per chunk stay bounded whatever the resolution (README: memory per video)."""
+    assert streaming.chunk_frames_for(720, 1280, 32) == 32
+    assert streaming.chunk_frames_for(1080, 1920, 32) == 16
+    assert streaming.chunk_frames_for(4096, 4096, 32) == 2  # one temporal patch at the least
+    assert streaming.chunk_frames_for(48, 64, 6) == 6
+    for height, width in ((720, 1280), (1080, 1920), (2160, 3840), (100, 100)):
+        chunk = streaming.chunk_frames_for(height, width, 32)
+        assert chunk % 2 == 0 and (chunk == 2 or chunk * height * width * 3 <= streaming.CHUNK_BYTES)
+    assert (streaming.resize_batch_for(720, 1280), streaming.resize_batch_for(1080, 1920)) == (8, 3)
