@@ -73,20 +73,15 @@ import aiohttp
 import requests
 import vllm.envs as envs
 from PIL import Image, ImageOps
-from vllm.connections import (
-    HTTPConnection,
-    HTTPResponseSizeExceededError,
-    MediaDownloadSizeExceededError,
-    global_http_connection,
-)
+from vllm.connections import HTTPConnection, MediaDownloadSizeExceededError, global_http_connection
 from vllm.exceptions import VLLMUnprocessableEntityError
 from vllm.multimodal.media import MEDIA_CONNECTOR_REGISTRY, MediaConnector, MediaWithBytes
 from vllm.multimodal.media.image import ImageMediaIO
 from vllm.multimodal.media.video import VideoMediaIO
-from vllm.multimodal.video import get_video_loader_backend_for_processor
 
 from ..limits import LimitExceeded, RequestError, server_limits
 from ..video import decode_size
+from . import compat
 from .errors import QTSplusHTTPError, as_http_error
 
 CONNECTOR_NAME = "qtsplus"
@@ -313,11 +308,12 @@ def _download_too_large(url: str, err: BaseException) -> QTSplusHTTPError:
     """vLLM's download cap, hit while streaming an http(s) video, as our 413."""
     limits = server_limits()
     vllm_mb = envs.VLLM_MAX_MEDIA_DOWNLOAD_SIZE_MB
-    variable = (
-        "VLLM_MAX_MEDIA_DOWNLOAD_SIZE_MB"
-        if isinstance(err, MediaDownloadSizeExceededError)
-        else limits.variable("max_video_bytes")
-    )
+    if isinstance(err, compat.MediaRequestDownloadSizeExceededError):  # vLLM 0.33: all of a request's media
+        variable = "VLLM_MAX_MEDIA_REQUEST_DOWNLOAD_SIZE_MB"
+    elif isinstance(err, MediaDownloadSizeExceededError):
+        variable = "VLLM_MAX_MEDIA_DOWNLOAD_SIZE_MB"
+    else:
+        variable = limits.variable("max_video_bytes")
     received = getattr(err, "received_bytes", None)
     limit = getattr(err, "max_bytes", None) or limits.max_video_bytes
     return as_http_error(
@@ -339,11 +335,11 @@ def _fetch_failure(url: str, err: Exception) -> QTSplusHTTPError | None:
     """Our error for what vLLM raised while fetching ``url``; None: not a fetch failure, let it be."""
     if isinstance(err, QTSplusHTTPError):
         return err
-    if isinstance(err, HTTPResponseSizeExceededError | MediaDownloadSizeExceededError):
+    if isinstance(err, compat.DOWNLOAD_SIZE_ERRORS):
         return _download_too_large(url, err)
     if isinstance(err, VLLMUnprocessableEntityError):  # vLLM's 422 around the original error
         cause = err.__cause__
-        if isinstance(cause, MediaDownloadSizeExceededError | HTTPResponseSizeExceededError):
+        if isinstance(cause, compat.DOWNLOAD_SIZE_ERRORS):
             return _download_too_large(url, cause)
         if isinstance(cause, _FETCH_ERRORS):
             return _fetch_error(url, cause)
@@ -410,42 +406,49 @@ class QTSplusMediaConnector(MediaConnector):
         video = _MEDIA_CONNECTION if plain is global_http_connection else plain
         self.connection = _DeadlineConnection(plain, video)
 
-    def _video_io(self, image_mode: str | None, video_processor: str | None) -> LimitedVideoMediaIO:
-        image_io = _LimitedFrameIO(**({"image_mode": image_mode} | self.media_io_kwargs.get("image", {})))
-        kwargs: dict[str, Any] = dict(self.media_io_kwargs.get("video", {}))
-        if "video_backend" not in kwargs:
-            backend = get_video_loader_backend_for_processor(video_processor)
-            if backend:
-                kwargs["video_backend"] = backend
-        return LimitedVideoMediaIO(image_io, **kwargs)
-
-    def fetch_video(
-        self, video_url: str, *, image_mode: str | None = "RGB", video_processor: str | None = None
-    ):
-        video_io = self._video_io(image_mode, video_processor)
+    def load_from_url(self, url: str, media_io: Any, *, fetch_timeout: int | None = None):
+        video_io = with_limits(media_io)
+        if video_io is None:  # images, audio, embeddings: vLLM's own path
+            return super().load_from_url(url, media_io, fetch_timeout=fetch_timeout)
         try:
             with _video_fetch():
-                return self.load_from_url(video_url, video_io, fetch_timeout=envs.VLLM_VIDEO_FETCH_TIMEOUT)
+                return super().load_from_url(url, video_io, fetch_timeout=fetch_timeout)
         except Exception as err:
-            ours = _fetch_failure(video_url, err)
-            if ours is None or ours is err:
-                raise
-            raise ours from err
+            raise _as_fetch_failure(url, err) from err
 
-    async def fetch_video_async(
-        self, video_url: str, *, image_mode: str | None = "RGB", video_processor: str | None = None
-    ):
-        video_io = self._video_io(image_mode, video_processor)
+    async def load_from_url_async(self, url: str, media_io: Any, *, fetch_timeout: int | None = None):
+        video_io = with_limits(media_io)
+        if video_io is None:
+            return await super().load_from_url_async(url, media_io, fetch_timeout=fetch_timeout)
         try:
             with _video_fetch():
-                return await self.load_from_url_async(
-                    video_url, video_io, fetch_timeout=envs.VLLM_VIDEO_FETCH_TIMEOUT
-                )
+                return await super().load_from_url_async(url, video_io, fetch_timeout=fetch_timeout)
         except Exception as err:
-            ours = _fetch_failure(video_url, err)
-            if ours is None or ours is err:
-                raise
-            raise ours from err
+            raise _as_fetch_failure(url, err) from err
+
+
+def with_limits(media_io: Any) -> LimitedVideoMediaIO | None:
+    """vLLM's video IO, as its ``fetch_video(_async)`` built it, given our limits; None if not a video IO.
+
+    The seam is the IO object alone: vLLM builds it (loader backend, media_io_kwargs, and on vLLM
+    0.33 the request's decoded-media budget) and passes it to ``load_from_url(_async)``; here the
+    same object gets our subclass's methods (they add checks and keep no state of their own), and
+    its frame IO (``data:video/jpeg`` lists) gets the frame limits. ``tests/unit/test_fetch.py``
+    notices when vLLM's ``fetch_video(_async)`` stop handing a ``VideoMediaIO`` to ``load_from_url``.
+    """
+    if not isinstance(media_io, VideoMediaIO):
+        return None
+    if type(media_io) is VideoMediaIO:
+        media_io.__class__ = LimitedVideoMediaIO
+    if type(getattr(media_io, "image_io", None)) is ImageMediaIO:
+        media_io.image_io.__class__ = _LimitedFrameIO
+    return media_io
+
+
+def _as_fetch_failure(url: str, err: Exception) -> Exception:
+    """The error a failed video fetch should raise: ours where we know it, else vLLM's as it was."""
+    ours = _fetch_failure(url, err)
+    return err if ours is None else ours
 
 
 def register_media_connector() -> None:

@@ -249,3 +249,42 @@ def test_a_bad_deadline_stops_the_server_at_start_up(monkeypatch, value):
 def test_the_deadline_setting(monkeypatch):
     assert Limits().fetch_deadline_seconds == 120.0
     assert Limits.from_env({"QTSPLUS_FETCH_DEADLINE_SECONDS": "7.5"}).fetch_deadline_seconds == 7.5
+
+
+# --- the seam with vLLM: its fetch_video(_async) build the IO, our load_from_url(_async) limit it ----
+
+
+@pytest.mark.parametrize("path", ["sync", "async"])
+def test_vllms_fetch_video_hands_its_video_io_to_our_limits(monkeypatch, clip, path):
+    """vLLM's own ``fetch_video``/``fetch_video_async`` (we do not override them) must pass the video
+    IO they build to ``load_from_url(_async)``, where ours gives it the limits: if a vLLM release
+    changes that, videos would skip every byte and frame limit, and this test fails."""
+    seen = []
+    real = media.LimitedVideoMediaIO.load_base64
+
+    def spy(self, media_type, data):
+        seen.append((type(self).__name__, type(self.image_io).__name__))
+        return real(self, media_type, data)
+
+    monkeypatch.setattr(media.LimitedVideoMediaIO, "load_base64", spy)
+    url = "data:video/mp4;base64," + base64.b64encode(clip).decode()
+    assert "fetch_video" not in vars(media.QTSplusMediaConnector)  # vLLM's bodies, not copies
+    if path == "sync":
+        _fetch_sync(url)
+    else:
+        asyncio.run(_fetch_async(url))
+    assert seen == [("LimitedVideoMediaIO", "_LimitedFrameIO")]
+
+
+def test_over_the_byte_limit_through_vllms_fetch_video(monkeypatch, clip):
+    monkeypatch.setattr(media, "server_limits", lambda: Limits(max_video_bytes=len(clip) // 2))
+    url = "data:video/mp4;base64," + base64.b64encode(clip).decode()
+    with pytest.raises(QTSplusHTTPError, match="QTSPLUS_MAX_VIDEO_BYTES") as err:
+        _fetch_sync(url)
+    assert err.value.http_status == 413
+
+
+def test_images_keep_vllms_path(clip):
+    from vllm.multimodal.media.image import ImageMediaIO
+
+    assert media.with_limits(ImageMediaIO(image_mode="RGB")) is None

@@ -340,10 +340,16 @@ def test_http_download_over_vllms_lower_cap_names_that_cap(media_server, monkeyp
 
 
 def _jpeg_io(monkeypatch, limits: Limits):
+    from vllm.multimodal.media.image import ImageMediaIO
+    from vllm.multimodal.media.video import VideoMediaIO
+    from vllm.multimodal.video import get_video_loader_backend_for_processor
+
     import qtsplus_vllm.serving.media as media
 
     monkeypatch.setattr(media, "server_limits", lambda: limits)
-    return media.QTSplusMediaConnector()._video_io("RGB", VIDEO_PROCESSOR_NAME)
+    # the IO vLLM's fetch_video builds for our model, as our connector's load_from_url receives it
+    backend = get_video_loader_backend_for_processor(VIDEO_PROCESSOR_NAME)
+    return media.with_limits(VideoMediaIO(ImageMediaIO(image_mode="RGB"), video_backend=backend))
 
 
 def test_jpeg_frames_over_the_frame_pixel_limit_are_refused(monkeypatch):
