@@ -13,11 +13,13 @@ the CPU. On the CPU the runtime uses ``QTSPLUS_CPU_THREADS`` torch threads (defa
 vLLM runs multimodal processing under ``OMP_NUM_THREADS`` threads (1 when unset), which would leave
 the ViT single-threaded while an engine-side ViT gets every core.
 
-ViT features are kept in a :class:`~qtsplus_vllm.feature_cache.FeatureCache` keyed by the sampled
-frames and the preprocessing settings, so a follow-up question on a video runs only the selector:
-``QTSPLUS_FEATURE_CACHE_BYTES`` (default 1 GiB; 0 turns it off) bounds it, and
+ViT features are kept in a :class:`~qtsplus_vllm.feature_cache.FeatureCache` keyed by the video
+(its encoded bytes and sampling plan, or the decoded frames of an eager item) and the preprocessing
+settings, so a follow-up question on a video runs only the selector: ``QTSPLUS_FEATURE_CACHE_BYTES``
+bounds its first tier (default: sized from the memory free when the runtime loads; 0 turns the cache
+off), ``QTSPLUS_FEATURE_CACHE_HOST_BYTES`` a second tier in host memory behind a GPU first tier, and
 ``QTSPLUS_FEATURE_CACHE_DEVICE`` (default: the runtime's device; ``cpu`` for host memory, pinned
-with CUDA) says where it lives.
+with CUDA) says where the first tier lives.
 """
 
 from __future__ import annotations
