@@ -294,6 +294,80 @@ def worker_legacy(args) -> dict:
 WORKERS = {"floor": worker_floor, "streaming": worker_streaming, "legacy": worker_legacy}
 
 
+def served(args, model: Path, video: Path, tmp: Path) -> dict:
+    """``vllm serve`` of the tiny checkpoint: TTFT of a cold question on the video (a ``file://``
+    URL), then of a follow-up question on it, and the server's peak RSS over idle meanwhile."""
+    import openai
+
+    from qtsplus_vllm.testing.server import RemoteServer, cpu_serve_args
+
+    flags = cpu_serve_args(max_model_len=4096) + ["--allowed-local-media-path", str(video.parent)]
+    url = f"file://{video}"
+
+    def ask(client, question: str) -> dict:
+        clock = time.perf_counter()
+        first = None
+        stream = client.chat.completions.create(
+            model=str(model),
+            messages=[
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "video_url", "video_url": {"url": url}},
+                        {"type": "text", "text": question},
+                    ],
+                }
+            ],  # fmt: skip
+            max_tokens=4,
+            temperature=0.0,
+            stream=True,
+        )
+        for chunk in stream:
+            if first is None and chunk.choices and chunk.choices[0].delta.content:
+                first = time.perf_counter() - clock
+        return {"ttft_s": first, "total_s": time.perf_counter() - clock}
+
+    def tree_rss(pid: int) -> int:
+        total, stack = 0, [pid]
+        while stack:
+            p = stack.pop()
+            with contextlib.suppress(OSError):
+                with open(f"/proc/{p}/statm") as f:
+                    total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+                with open(f"/proc/{p}/task/{p}/children") as f:
+                    stack += [int(c) for c in f.read().split()]
+        return total
+
+    with RemoteServer(model, flags, cache_root=tmp / "vllm-cache") as server:
+        client = openai.OpenAI(base_url=server.base_url, api_key="EMPTY", timeout=1800)
+        idle = tree_rss(server.pid)
+        peak = [idle]
+        stop = threading.Event()
+
+        def sample():
+            while not stop.is_set():
+                peak[0] = max(peak[0], tree_rss(server.pid))
+                time.sleep(0.05)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        cold = ask(client, "What is moving in the video?")
+        follow_up = ask(client, "Which colours do the squares have?")
+        stop.set()
+        sampler.join()
+        lines = [line for line in server.log_tail(200).splitlines() if "QTSplus video:" in line]
+    return {
+        "status": "ok",
+        "command_flags": flags,
+        "cold": cold,
+        "follow_up": follow_up,
+        "follow_up_over_cold_ttft": follow_up["ttft_s"] / cold["ttft_s"],
+        "server_idle_rss_mib": idle / 2**20,
+        "server_peak_rss_over_idle_mib": (peak[0] - idle) / 2**20,
+        "log_lines": lines[-2:],
+    }
+
+
 def run_worker(name: str, args, model: Path, video: Path) -> dict:
     """One path in a fresh process (its peak RSS is its own); its JSON result."""
     cmd = [sys.executable, __file__, "--_worker", name, "--_video", str(video), "--_model", str(model)]
@@ -448,6 +522,9 @@ def plot(result: dict, path: Path) -> None:
                 },
             )
         )
+    if not rows:  # a --served-only run: nothing to draw
+        plt.close(fig)
+        return
     colours = {}
     palette = plt.get_cmap("tab10")
     for y, (_label, parts) in enumerate(rows):
@@ -506,6 +583,12 @@ def summary(result: dict) -> str:
             f"{legacy['preprocess_ms'] / 1e3:.2f}, ViT {legacy['vit_ms'] / 1e3:.2f} s), peak RSS "
             f"+{legacy['peak_rss_delta_mib']:,.0f} MiB"
         )
+    sv = paths.get("served", {})
+    if sv.get("status") == "ok":
+        lines.append(
+            f"served     TTFT cold {sv['cold']['ttft_s']:.2f} s, follow-up {sv['follow_up']['ttft_s']:.3f} s "
+            f"({sv['follow_up_over_cold_ttft']:.3f} x), server peak RSS +{sv['server_peak_rss_over_idle_mib']:,.0f} MiB"
+        )
     for name, row in paths.items():
         if row.get("status") != "ok":
             lines.append(f"{name}: {row.get('status')}: {row.get('error', '')[-500:]}")
@@ -522,6 +605,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="a 640x360 video in a temporary directory")
     parser.add_argument(
         "--legacy", action="store_true", help="also run the pre-streaming path (~12 GiB at 10 min 720p)"
+    )
+    parser.add_argument(
+        "--paths", default="floor,streaming", help="in-process paths to run (floor,streaming)"
+    )
+    parser.add_argument(
+        "--served", action="store_true", help="also vllm serve the tiny checkpoint: cold and follow-up TTFT"
     )
     parser.add_argument("--media-dir", default=None, help=f"where generated videos are cached ({MEDIA_DIR})")
     parser.add_argument("--worker-timeout", type=float, default=1800)
@@ -552,11 +641,17 @@ def main(argv: list[str] | None = None) -> int:
         video = ensure_video(media_dir, args.minutes, args.resolution)
         generate_s = time.perf_counter() - clock
         model = write_tiny_checkpoint(Path(tmp) / "tiny", seed=0)
-        names = ["floor", "streaming"] + (["legacy"] if args.legacy else [])
+        names = [n for n in args.paths.split(",") if n] + (["legacy"] if args.legacy else [])
         paths = {}
         for name in names:
             print(f"running {name} ...", flush=True)
             paths[name] = run_worker(name, args, model, video)
+        if args.served:
+            print("running served ...", flush=True)
+            try:
+                paths["served"] = served(args, model, video, Path(tmp))
+            except Exception as err:  # recorded, not fatal for the other paths
+                paths["served"] = {"status": "failed", "error": f"{type(err).__name__}: {err}"[-3000:]}
         info = {**video_info(video), "generate_s_if_new": generate_s}
     result = {
         "benchmark": "bench_media",
