@@ -340,3 +340,27 @@ def test_chunks_and_resize_batches_shrink_for_large_frames():
         chunk = streaming.chunk_frames_for(height, width, 32)
         assert chunk % 2 == 0 and (chunk == 2 or chunk * height * width * 3 <= streaming.CHUNK_BYTES)
     assert (streaming.resize_batch_for(720, 1280), streaming.resize_batch_for(1080, 1920)) == (8, 3)
+
+
+def test_decode_time_reaches_the_metrics():
+    from types import SimpleNamespace
+
+    from qtsplus_vllm.serving.metrics import metrics, observe_selection
+
+    def count() -> float:
+        return next(
+            s.value
+            for f in metrics().decode_seconds.collect()
+            for s in f.samples
+            if s.name.endswith("_count")
+        )
+
+    timings = {"decode_ms": 1500.0, "preprocess_ms": 10.0, "vit_ms": 20.0, "selector_ms": 1.0}
+    result = SimpleNamespace(num_visual_tokens=100, n=10, cache_hit=False, timings_ms=timings)
+    stats = {"bytes": 0, "entries": 0}
+    before = count()
+    observe_selection(result, stats)
+    assert count() == before + 1
+    observe_selection(SimpleNamespace(**{**vars(result), "cache_hit": True}), stats)  # a hit decodes nothing
+    observe_selection(SimpleNamespace(**{**vars(result), "timings_ms": {**timings, "decode_ms": 0.0}}), stats)
+    assert count() == before + 1  # eager frames were decoded elsewhere
