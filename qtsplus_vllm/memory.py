@@ -48,12 +48,20 @@ and per video ``request_memory(...).total`` (N = 1) bounds it: N videos take at 
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field, replace
 
 from .limits import Limits
-from .streaming import CHUNK_BYTES, QUEUE_CHUNKS, chunk_frames_for, resize_batch_for
-from .video import PreprocessConfig, decode_size, target_size
+from .streaming import (
+    CHUNK_BYTES,
+    QUEUE_CHUNKS,
+    RESIZE_BATCH,
+    RESIZE_BYTES,
+    chunk_frames_for,
+    resize_batch_for,
+)
+from .video import PreprocessConfig, VideoDecodeError, decode_size, target_size
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -91,6 +99,10 @@ TINY = ModelShapes("tiny", 128, 4, 2, 160, 96, 2, 256, 4)
 QTSPLUS_3B = ModelShapes("3B", 2048, 16, 2, 1280, 3420, 16, 2560, 2)
 QTSPLUS_7B = ModelShapes("7B", 3584, 28, 4, 1280, 3420, 16, 2560, 2)
 MODELS = {m.name: m for m in (TINY, QTSPLUS_3B, QTSPLUS_7B)}
+# the stated budget per request for the worst case the default QTSPLUS_* limits admit (CPU runtime,
+# default processing settings): worst_case_request(model).total stays within it
+WORST_CASE_BUDGET = {"tiny": 2 * GiB, "3B": 6 * GiB, "7B": 8 * GiB}
+TABLE_BITRATES = {720: 2_500_000, 1080: 5_000_000}  # bits/s assumed for the README table
 
 
 @dataclass(frozen=True)
@@ -266,7 +278,7 @@ def worst_case_request(
     limits = limits or Limits()
     preprocess = preprocess or PreprocessConfig()
     estimates = []
-    for width, height in _candidate_sizes(limits):
+    for width, height in _candidate_sizes(limits, preprocess):
         t = _most_frames(width, height, limits, preprocess)
         if t is None:
             continue
@@ -301,18 +313,40 @@ def worst_case_request(
     )
 
 
-def _candidate_sizes(limits: Limits, chunk_setting: int | None = None) -> list[tuple[int, int]]:
-    """Source sizes where a term peaks: the largest frame (the decoder) and the largest frame whose
-    chunk still holds every frame of the setting (the chunk, resize and ViT terms), in four aspects."""
+def _candidate_sizes(
+    limits: Limits, preprocess: PreprocessConfig | None = None, chunk_setting: int | None = None
+) -> list[tuple[int, int]]:
+    """Source sizes where a term peaks: the largest frame (the decoder), the largest frames whose
+    chunk and resize batch still hold every frame of their settings, in four aspects, and the frame
+    that resizing makes largest."""
     from .streaming import stream_chunk_frames
 
     full_chunk = CHUNK_BYTES // (3 * (chunk_setting or stream_chunk_frames()))
     sizes = set()
-    for pixels in (limits.max_frame_pixels, min(full_chunk, limits.decode_max_pixels)):
+    full_batch = RESIZE_BYTES // (RESIZE_BATCH * 3 * 6)  # resize_batch_for's per-frame bytes
+    for pixels in (limits.max_frame_pixels, min(full_chunk, limits.decode_max_pixels), full_batch):
         for aw, ah in ((16, 9), (4, 3), (1, 1), (21, 9)):
             k = math.isqrt(pixels // (aw * ah))
             sizes.add((aw * k - aw * k % 2, ah * k - ah * k % 2))
+    sizes.add(_largest_resized_source(preprocess or PreprocessConfig()))
     return sorted(sizes)
+
+
+@functools.cache
+def _largest_resized_source(preprocess: PreprocessConfig) -> tuple[int, int]:
+    """The small, very wide source frame that resizing makes largest: ``smart_resize`` scales it up to
+    ``min_pixels`` and rounds both sides up to multiples of 28 (19×2432 → 56×3612 at the defaults)."""
+    best, size = 0, (2, 2)
+    for height in range(1, 65):
+        for ratio in range(1, 201):
+            width = height * ratio
+            try:
+                h, w = target_size(height, width, 2, preprocess)
+            except (ValueError, VideoDecodeError):
+                continue
+            if h * w > best:
+                best, size = h * w, (width, height)
+    return size
 
 
 def _most_frames(width: int, height: int, limits: Limits, preprocess: PreprocessConfig) -> int | None:
@@ -331,7 +365,7 @@ def budget_table(
     model: ModelShapes, resolutions=((1280, 720), (1920, 1080)), minutes=(10, 30, 60), bitrates=None
 ) -> list[dict]:
     """Rows of the README table: a 30 fps video of each size and length at the default settings."""
-    bitrates = bitrates or {720: 5_000_000, 1080: 10_000_000}
+    bitrates = bitrates or TABLE_BITRATES
     rows = []
     for width, height in resolutions:
         for length in minutes:
@@ -350,6 +384,37 @@ def budget_table(
     return rows
 
 
+def readme_tables(limits: Limits | None = None) -> str:
+    """The README's tables (section "Memory per in-flight video"), from this model."""
+    limits = limits or Limits()
+    lines = [
+        "| video | min | model | encoded | M | held | features | working set | one video | 4 in flight |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name in ("3B", "7B"):
+        for row in budget_table(MODELS[name]):
+            e = row["estimate"]
+            over = " (413)" if row["encoded"] > limits.max_video_bytes else ""
+            lines.append(
+                f"| {row['resolution']} | {row['minutes']} | {name} | {row['encoded'] / MiB:,.0f} MiB{over} "
+                f"| {e.visual_tokens:,} | {e.held_bytes / MiB:,.0f} MiB | {e.features / MiB:,.0f} MiB "
+                f"| {e.working_bytes / MiB:,.0f} MiB | {e.total / GiB:.2f} GiB | {peak_bytes([e] * 4) / GiB:.2f} GiB |"
+            )
+    lines += [
+        "",
+        "| model | worst case per request | budget | of which: encoded | features | selector | decoder |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name in ("tiny", "3B", "7B"):
+        w = worst_case_request(MODELS[name], limits)
+        lines.append(
+            f"| {name} | {w.total / GiB:.2f} GiB | {WORST_CASE_BUDGET[name] / GiB:g} GiB "
+            f"| {w.held['encoded'] / MiB:,.0f} MiB | {w.features / MiB:,.0f} MiB "
+            f"| {w.working['selector'] / MiB:,.0f} MiB | {w.working['decoder'] / MiB:,.0f} MiB |"
+        )
+    return "\n".join(lines)
+
+
 def with_setting(limits: Limits, **changes) -> Limits:
     """``limits`` with some fields changed (the unit tests' what-ifs)."""
     return replace(limits, **changes)
@@ -365,7 +430,9 @@ __all__ = [
     "TINY",
     "ModelShapes",
     "RequestMemory",
+    "WORST_CASE_BUDGET",
     "budget_table",
+    "readme_tables",
     "kept_frames_for",
     "peak_bytes",
     "request_memory",

@@ -1,0 +1,124 @@
+"""The memory model of one in-flight video (``qtsplus_vllm.memory``): what the default limits admit in
+the worst case maps to the stated budget, the model follows the code's own bounds, and the README's
+"Memory per in-flight video" tables are what the model computes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from qtsplus_vllm.limits import Limits
+from qtsplus_vllm.memory import (
+    MODELS,
+    QTSPLUS_7B,
+    TINY,
+    WORST_CASE_BUDGET,
+    MiB,
+    kept_frames_for,
+    peak_bytes,
+    readme_tables,
+    request_memory,
+    worst_case_request,
+)
+from qtsplus_vllm.streaming import CHUNK_BYTES, QUEUE_CHUNKS
+from qtsplus_vllm.video import PreprocessConfig, VideoDecodeError, vit_patch_count
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_the_default_limits_worst_case_is_within_the_stated_budget(name):
+    worst = worst_case_request(MODELS[name])
+    assert worst.total <= WORST_CASE_BUDGET[name]
+    limits = Limits()
+    assert worst.held["encoded"] == limits.max_video_bytes
+    assert worst.visual_tokens == limits.max_vit_patches // 4
+    assert worst.working["decoded_chunks"] <= (QUEUE_CHUNKS + 2) * CHUNK_BYTES
+
+
+def _most_frames(width, height, limits, config):
+    for t in range(limits.max_frames - limits.max_frames % 2, 1, -2):
+        try:
+            patches = vit_patch_count(t, height, width, config)
+        except VideoDecodeError:
+            return None
+        if patches <= limits.max_vit_patches:
+            return t
+    return None
+
+
+def test_no_admitted_frame_size_exceeds_the_worst_case():
+    """A search over frame sizes (wide and small ones that smart_resize scales up, 720p, 1080p, the
+    largest) with the most frames the limits allow each: none costs more than the worst case."""
+    limits, config = Limits(), PreprocessConfig()
+    worst = worst_case_request(TINY)
+    sizes = [(2432, 19), (5000, 28), (3600, 20), (1280, 720), (1920, 1080), (4096, 4096), (7680, 2160)]
+    sizes += [(w, h) for w in (64, 320, 640, 1024, 1448, 2048, 3000) for h in (48, 240, 480, 720, 1088)]
+    checked = 0
+    for width, height in sizes:
+        if width * height > limits.max_frame_pixels or max(width, height) / min(width, height) > 200:
+            continue
+        t = _most_frames(width, height, limits, config)
+        if t is None:
+            continue
+        estimate = request_memory(
+            encoded_bytes=limits.max_video_bytes,
+            width=width,
+            height=height,
+            kept_frames=t,
+            model=TINY,
+            question_tokens=limits.max_question_tokens,
+        )
+        assert estimate.total <= worst.total, (width, height, t)
+        for key, value in estimate.working.items():
+            assert value <= worst.working[key], (width, height, key)
+        checked += 1
+    assert checked >= 30
+
+
+def test_the_model_follows_the_streams_bounds():
+    """720p: 32-frame chunks (96 MiB of RGB at most), 280×504 after resizing, M = T/2 · 10 · 18."""
+    ten = request_memory(encoded_bytes=0, width=1280, height=720, kept_frames=600)
+    assert ten.chunk_frames == 32 and ten.resized == (280, 504) and ten.visual_tokens == 54_000
+    assert ten.working["decoded_chunks"] == (QUEUE_CHUNKS + 2) * 32 * 1280 * 720 * 3
+    # 1080p: fewer frames per chunk, the same bytes
+    full_hd = request_memory(encoded_bytes=0, width=1920, height=1080, kept_frames=600)
+    assert (
+        full_hd.chunk_frames == 16 and full_hd.working["decoded_chunks"] <= (QUEUE_CHUNKS + 2) * CHUNK_BYTES
+    )
+    # the stream's working set does not grow with the length: only the features and the selector do
+    sixty = request_memory(encoded_bytes=0, width=1280, height=720, kept_frames=768)
+    for key in ("decoded_chunks", "decoder", "resize", "chunk_pixels", "vit"):
+        assert sixty.working[key] == ten.working[key]
+    assert sixty.features == ten.features * 69_120 // 54_000
+
+
+def test_held_and_working_parts_add_up_over_videos_in_flight():
+    one = request_memory(encoded_bytes=100 * MiB, width=1280, height=720, kept_frames=600, model=QTSPLUS_7B)
+    assert one.total == one.held_bytes + one.features + one.working_bytes
+    four = peak_bytes([one] * 4)
+    assert four == 4 * (one.held_bytes + one.features) + one.working_bytes < 4 * one.total
+    assert peak_bytes([one] * 4, api_servers=2) == four + one.working_bytes
+    # a data: URL is held as base64 text too; http bodies are joined from their chunks
+    data = request_memory(encoded_bytes=100 * MiB, width=1280, height=720, kept_frames=600, source="data")
+    assert data.held["encoded"] > 3.6 * 100 * MiB
+
+
+def test_kept_frames_follow_the_sampling_defaults():
+    assert kept_frames_for(120, 30) == 120
+    assert kept_frames_for(600, 30) == 600
+    assert kept_frames_for(1800, 30) == 768
+    assert kept_frames_for(1, 30) == 4
+
+
+def _readme_section() -> str:
+    text = README.read_text()
+    start = text.index("### Memory per in-flight video")
+    return text[start : text.index("\n### ", start + 10)]
+
+
+def test_readme_tables_are_the_models():
+    section = _readme_section()
+    assert readme_tables() in section
+    assert "QTSPLUS_MEMORY_BOUND_MINUTES=10" in section
