@@ -209,7 +209,7 @@ def request_memory(
     p, f = preprocess.patch_size, preprocess.factor
     m = t // 2 * (h // f) * (w // f)
     n = min(model.nmax, m) if selected is None else selected
-    c = min(chunk_frames_for(hd, wd, chunk_setting), t)
+    c = min(chunk_frames_for(hd, wd, chunk_setting, (h // p) * (w // p)), t)
     batch = resize_batch_for(hd, wd)
     per_pair = (h // p) * (w // p)
     chunk_patches = c // 2 * per_pair

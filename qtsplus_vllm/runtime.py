@@ -307,6 +307,12 @@ class VideoSelection:
         return int(self.embeds.shape[0])
 
 
+def _patches_per_frame(shape: tuple[int, ...], preprocess: PreprocessConfig) -> int:
+    """ViT patches of one frame of a [T, H, W, 3] video after qwen-vl-utils' resize."""
+    _, (h, w), _ = chunk_geometry(shape, preprocess)
+    return (h // preprocess.patch_size) * (w // preprocess.patch_size)
+
+
 class SelectionRuntime:
     """ViT + selector + question embeddings for one checkpoint on one device."""
 
@@ -383,13 +389,13 @@ class SelectionRuntime:
             # core fewer meanwhile. All cores for both oversubscribe them and torch's OpenMP threads
             # spin against the decoder (measured on 2 cores: the ViT 5x slower, the video 2x).
             threads = max(1, cpu_threads() - 1) if self.device.type == "cpu" else None
-            chunk = chunk_frames_for(*frames.shape[1:3], chunk)
+            chunk = chunk_frames_for(*frames.shape[1:3], chunk, _patches_per_frame(frames.shape, preprocess))
             with torch_threads(threads) if threads else contextlib.nullcontext():
                 return self._encode_stream(frames, chunk, preprocess, timings)
         frames = np.asarray(frames)
         if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
             raise ValueError(f"frames must be uint8 [T, H, W, 3], got {frames.dtype} {list(frames.shape)}")
-        chunk = chunk_frames_for(*frames.shape[1:3], chunk)
+        chunk = chunk_frames_for(*frames.shape[1:3], chunk, _patches_per_frame(frames.shape, preprocess))
         return self._encode_chunks(frame_chunks(frames, chunk), frames.shape, preprocess, timings)
 
     def _encode_stream(

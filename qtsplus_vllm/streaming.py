@@ -42,6 +42,8 @@ CHUNK_FRAMES_ENV = "QTSPLUS_STREAM_CHUNK_FRAMES"
 DEFAULT_CHUNK_FRAMES = 32
 QUEUE_CHUNKS = 1  # decoded chunks waiting for the consumer (one more is being filled, one consumed)
 CHUNK_BYTES = 96 << 20  # at most this much decoded RGB per chunk (fewer frames for large sources)
+# ViT patches per chunk: 32 frames at the reference max_pixels (360 x 420 pixels, 14 x 14 patches)
+CHUNK_PATCHES = 32 * (360 * 420) // (14 * 14)
 RESIZE_BATCH = 8  # frames resized at once: bounds the float copy torchvision makes of its input...
 RESIZE_BYTES = 128 << 20  # ...to about this much (uint8 batch + its float copy + the passes)
 FRAME_FACTOR = 2  # frames per temporal patch
@@ -59,11 +61,17 @@ def stream_chunk_frames() -> int:
     return int(raw)
 
 
-def chunk_frames_for(height: int, width: int, setting: int | None = None) -> int:
+def chunk_frames_for(
+    height: int, width: int, setting: int | None = None, patches_per_frame: int | None = None
+) -> int:
     """Frames per chunk for frames of height x width: the setting (``QTSPLUS_STREAM_CHUNK_FRAMES``),
-    lowered to an even count whose decoded RGB fits :data:`CHUNK_BYTES` (16 frames at 1080p)."""
+    lowered to an even count whose decoded RGB fits :data:`CHUNK_BYTES` (16 frames at 1080p) and,
+    given the ViT patches of one resized frame, whose patches fit :data:`CHUNK_PATCHES` (a large
+    ``max_pixels`` must not make one chunk's pixel values and ViT activations those of a whole video)."""
     setting = setting or stream_chunk_frames()
     fit = CHUNK_BYTES // max(1, height * width * 3)
+    if patches_per_frame:
+        fit = min(fit, CHUNK_PATCHES // max(1, patches_per_frame))
     return max(FRAME_FACTOR, min(setting, fit - fit % FRAME_FACTOR))
 
 

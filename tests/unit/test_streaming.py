@@ -364,3 +364,16 @@ def test_decode_time_reaches_the_metrics():
     observe_selection(SimpleNamespace(**{**vars(result), "cache_hit": True}), stats)  # a hit decodes nothing
     observe_selection(SimpleNamespace(**{**vars(result), "timings_ms": {**timings, "decode_ms": 0.0}}), stats)
     assert count() == before + 1  # eager frames were decoded elsewhere
+
+
+def test_chunks_are_bounded_in_resized_patches():
+    """A large max_pixels must not make one chunk as big as a whole video (issue 12, memory bound)."""
+    from qtsplus_vllm.video import PreprocessConfig, target_size
+
+    assert streaming.chunk_frames_for(720, 1280, 32, 720) == 32  # the default resize: bytes bound it
+    big = PreprocessConfig(max_pixels=16384 * 28 * 28)
+    h, w = target_size(720, 1280, 32, big)
+    per_frame = (h // 14) * (w // 14)
+    frames = streaming.chunk_frames_for(720, 1280, 32, per_frame)
+    assert frames < 32 and frames % 2 == 0
+    assert frames * per_frame <= streaming.CHUNK_PATCHES
