@@ -181,18 +181,25 @@ def summarize(results: list[RequestResult], wall_s: float) -> dict:
 
 
 def generate_videos(
-    directory: Path, seconds: float, count: int, fps: float, size: tuple[int, int]
+    directory: Path, seconds: float, count: int, fps: float, size: tuple[int, int], style: str = "render"
 ) -> list[Path]:
-    """``count`` distinct mp4 files of ``seconds`` each (different seeds), reused when present."""
-    from qtsplus_vllm.testing.videos import make_video
+    """``count`` distinct mp4 files of ``seconds`` each (different seeds), reused when present.
+
+    ``render``: every frame rendered and encoded (small test clips). ``texture``: real-size content,
+    a 10-second texture clip per seed repeated by remuxing (seconds to make even for hour-long HD;
+    the server still decodes every frame)."""
+    from qtsplus_vllm.testing.videos import make_long_video, make_video
 
     directory.mkdir(parents=True, exist_ok=True)
     frames = max(2, round(seconds * fps))
     paths = []
     for seed in range(count):
-        path = directory / f"clip-{seconds:g}s-{fps:g}fps-{size[0]}x{size[1]}-{seed}.mp4"
+        path = directory / f"{style}-{seconds:g}s-{fps:g}fps-{size[0]}x{size[1]}-{seed}.mp4"
         if not path.exists():
-            make_video(path, frames=frames, size=size, fps=fps, seed=seed)
+            if style == "texture":
+                make_long_video(path, seconds, size=size, fps=round(fps), seed=seed)
+            else:
+                make_video(path, frames=frames, size=size, fps=fps, seed=seed)
         paths.append(path)
     return paths
 
@@ -363,6 +370,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--video-seconds", default="", help="comma-separated durations of generated videos")
     p.add_argument("--video-fps", type=float, default=4.0)
     p.add_argument("--video-size", default="160x120", help="WIDTHxHEIGHT of generated videos")
+    p.add_argument(
+        "--video-style", choices=("render", "texture"), default="render",
+        help="generated content: render (every frame drawn; test clips) or texture (real-size, fast to make)",
+    )  # fmt: skip
     p.add_argument("--video-dir", type=Path, default=Path("/tmp/qtsplus-bench-videos"))
     p.add_argument("--question", action="append", default=[], help="question text (repeatable)")
     p.add_argument("--concurrency", default="1", help="comma-separated concurrency levels")
@@ -400,7 +411,9 @@ def main(argv: list[str] | None = None) -> int:
         videos["given"] = [urls[i % len(urls)] for i in range(per_length)]
     width, height = (int(v) for v in args.video_size.split("x"))
     for seconds in [float(s) for s in args.video_seconds.split(",") if s]:
-        paths = generate_videos(args.video_dir, seconds, per_length, args.video_fps, (width, height))
+        paths = generate_videos(
+            args.video_dir, seconds, per_length, args.video_fps, (width, height), args.video_style
+        )
         videos[f"{seconds:g}s"] = [f"file://{p.resolve()}" for p in paths]
     if not videos:
         raise SystemExit("give --video and/or --video-seconds")
@@ -442,7 +455,8 @@ def main(argv: list[str] | None = None) -> int:
             "request_rate": args.request_rate,
         },
         "videos": {
-            k: {"count": len(v), "fps": args.video_fps, "size": args.video_size} for k, v in videos.items()
+            k: {"count": len(v), "fps": args.video_fps, "size": args.video_size, "style": args.video_style}
+            for k, v in videos.items()
         },
         "machine": machine_info(),
         "versions": versions(),

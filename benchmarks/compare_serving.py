@@ -90,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", default="1,2,4,8,16,32")
     p.add_argument("--sweep-length", default="64", help="video seconds for the concurrency sweep")
     p.add_argument("--num-requests", type=int, default=8)
+    p.add_argument("--video-size", default="160x120", help="WIDTHxHEIGHT of the generated videos")
+    p.add_argument("--video-fps", default="4")
+    p.add_argument("--video-style", choices=("render", "texture"), default="render")
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--max-model-len", type=int, default=20000)
     p.add_argument("--systems", default=None, help="default: qtsplus,all-tokens,stock (+ evs with CUDA)")
@@ -123,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         if run not in args.runs.split(","):
             continue
         common = [*selection, "--num-requests", str(args.num_requests), "--max-tokens", str(args.max_tokens),
-                  "--video-dir", str(video_dir)]  # fmt: skip
+                  "--video-dir", str(video_dir), "--video-size", args.video_size, "--video-fps", args.video_fps,
+                  "--video-style", args.video_style]  # fmt: skip
         if "qtsplus" in systems:
             results[f"qtsplus-{run}"] = run_system("qtsplus", model, flags, common, out_dir / run)
         if "all-tokens" in systems:

@@ -82,3 +82,86 @@ def _as_rate(fps: float):
     from fractions import Fraction
 
     return Fraction(fps).limit_denominator(1001)
+
+
+def write_texture_clip(
+    path: str | os.PathLike,
+    seconds: int = 10,
+    size: tuple[int, int] = (1280, 720),
+    fps: int = 30,
+    seed: int = 0,
+) -> Path:
+    """A real-size H.264 clip (x264 ultrafast, CRF 23, a keyframe every 2 s): a smooth random texture
+    panning under three moving squares — content an encoder cannot compress to nothing."""
+    import torch
+
+    width, height = size
+    path = Path(path)
+    rng = np.random.default_rng(seed)
+    coarse = torch.from_numpy(rng.uniform(0, 255, size=(1, 3, height // 20 + 2, width // 20 + 2)))
+    smooth = torch.nn.functional.interpolate(coarse, size=(2 * height, 2 * width), mode="bilinear")
+    texture = smooth[0].permute(1, 2, 0).clamp(0, 255).to(torch.uint8).numpy().copy()
+    side = height // 6
+    colours = rng.integers(0, 256, size=(3, 3), dtype=np.uint8)
+    speeds = rng.uniform(1.0, 6.0, size=(3, 2))
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.codec_context.options = {"crf": "23", "preset": "ultrafast", "g": str(2 * fps)}
+        for t in range(seconds * fps):
+            dx, dy = (3 * t) % width, t % height
+            frame = texture[dy : dy + height, dx : dx + width].copy()
+            for k in range(3):
+                x0 = int(speeds[k, 0] * t) % (width - side)
+                y0 = int(speeds[k, 1] * t) % (height - side)
+                frame[y0 : y0 + side, x0 : x0 + side] = colours[k]
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def repeat_clip(clip: str | os.PathLike, path: str | os.PathLike, seconds: float) -> Path:
+    """``clip`` repeated to about ``seconds`` by remuxing its packets with shifted timestamps (no
+    re-encoding; a clip that starts with a keyframe decodes on its own in every repetition), so a
+    long real-size video costs seconds to make while the server still decodes every frame."""
+    path = Path(path)
+    with av.open(str(clip)) as source:
+        stream = source.streams.video[0]
+        packets = [
+            (bytes(p), p.pts, p.dts, p.is_keyframe, p.duration) for p in source.demux(stream) if p.size
+        ]
+        base = min(p[1] for p in packets)
+        span = max(p[1] for p in packets) + packets[-1][4] - base
+        clip_seconds = float(span * stream.time_base)
+        with av.open(str(path), mode="w") as out:
+            target = out.add_stream_from_template(stream)
+            for rep in range(max(1, round(seconds / clip_seconds))):
+                for data, pts, dts, key, duration in packets:
+                    packet = av.Packet(data)
+                    packet.pts, packet.dts = pts + rep * span, dts + rep * span
+                    packet.is_keyframe, packet.duration = key, duration
+                    packet.time_base, packet.stream = stream.time_base, target
+                    out.mux(packet)
+    return path
+
+
+def make_long_video(
+    path: str | os.PathLike,
+    seconds: float,
+    size: tuple[int, int] = (1280, 720),
+    fps: int = 30,
+    seed: int = 0,
+    clip_seconds: int = 10,
+) -> Path:
+    """A distinct real-size video of about ``seconds``: a ``clip_seconds`` texture clip (own seed)
+    repeated by remuxing. Its bytes differ per seed, so no cache answers one video for another."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    clip = path.with_name(path.stem + ".clip.mp4")
+    write_texture_clip(clip, min(clip_seconds, max(1, round(seconds))), size, fps, seed)
+    try:
+        return repeat_clip(clip, path, seconds)
+    finally:
+        clip.unlink(missing_ok=True)

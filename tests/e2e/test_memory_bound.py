@@ -27,16 +27,14 @@ import threading
 import time
 from pathlib import Path
 
-import av
 import httpx
-import numpy as np
 import psutil
 import pytest
-import torch
 
 from qtsplus_vllm.memory import TINY, GiB, MiB, kept_frames_for, peak_bytes, request_memory
 from qtsplus_vllm.testing import write_tiny_checkpoint
 from qtsplus_vllm.testing.server import RemoteServer, cpu_serve_args
+from qtsplus_vllm.testing.videos import repeat_clip, write_texture_clip
 
 MINUTES = float(os.environ.get("QTSPLUS_MEMORY_BOUND_MINUTES", "2"))
 VIDEOS = 4
@@ -50,53 +48,8 @@ SAMPLE_SECONDS = 0.2
 
 
 def write_clip(path: Path, seed: int, seconds: int = CLIP_SECONDS) -> Path:
-    """A ``seconds``-long 720p30 H.264 clip: a smooth random texture panning, three moving squares."""
-    rng = np.random.default_rng(seed)
-    coarse = torch.from_numpy(rng.uniform(0, 255, size=(1, 3, HEIGHT // 20 + 2, WIDTH // 20 + 2)))
-    smooth = torch.nn.functional.interpolate(coarse, size=(2 * HEIGHT, 2 * WIDTH), mode="bilinear")
-    texture = smooth[0].permute(1, 2, 0).clamp(0, 255).to(torch.uint8).numpy().copy()
-    side = HEIGHT // 6
-    colours = rng.integers(0, 256, size=(3, 3), dtype=np.uint8)
-    speeds = rng.uniform(1.0, 6.0, size=(3, 2))
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("libx264", rate=FPS)
-        stream.width, stream.height, stream.pix_fmt = WIDTH, HEIGHT, "yuv420p"
-        stream.codec_context.options = {"crf": "23", "preset": "ultrafast", "g": str(2 * FPS)}
-        for t in range(seconds * FPS):
-            dx, dy = (3 * t) % WIDTH, t % HEIGHT
-            frame = texture[dy : dy + HEIGHT, dx : dx + WIDTH].copy()
-            for k in range(3):
-                x0 = int(speeds[k, 0] * t) % (WIDTH - side)
-                y0 = int(speeds[k, 1] * t) % (HEIGHT - side)
-                frame[y0 : y0 + side, x0 : x0 + side] = colours[k]
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
-
-
-def repeat_clip(clip: Path, path: Path, seconds: float) -> Path:
-    """``clip`` repeated to ``seconds`` by remuxing its packets with shifted timestamps (no re-encoding;
-    it starts with a keyframe, so every repetition decodes on its own)."""
-    with av.open(str(clip)) as source:
-        stream = source.streams.video[0]
-        packets = [
-            (bytes(p), p.pts, p.dts, p.is_keyframe, p.duration) for p in source.demux(stream) if p.size
-        ]
-        base = min(p[1] for p in packets)
-        span = max(p[1] for p in packets) + packets[-1][4] - base
-        clip_seconds = float(span * stream.time_base)
-        with av.open(str(path), mode="w") as out:
-            target = out.add_stream_from_template(stream)
-            for rep in range(round(seconds / clip_seconds)):
-                for data, pts, dts, key, duration in packets:
-                    packet = av.Packet(data)
-                    packet.pts, packet.dts = pts + rep * span, dts + rep * span
-                    packet.is_keyframe, packet.duration = key, duration
-                    packet.time_base, packet.stream = stream.time_base, target
-                    out.mux(packet)
-    return path
+    """A ``seconds``-long 720p30 H.264 clip (:func:`qtsplus_vllm.testing.videos.write_texture_clip`)."""
+    return write_texture_clip(path, seconds, (WIDTH, HEIGHT), FPS, seed)
 
 
 def server_rss(pid: int) -> int:
