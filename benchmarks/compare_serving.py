@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         args.systems or "qtsplus,all-tokens,stock" + (",evs" if torch.cuda.is_available() else "")
     ).split(",")
     flags = engine_flags(args.max_model_len)
-    stock_flags = flags + ["--media-io-kwargs", json.dumps({"video": {"video_backend": "qtsplus"}})]
+    stock_flags = flags + ["--media-io-kwargs", json.dumps({"video": {"video_backend": "qtsplus_frames"}})]
     video_dir = args.work_dir / "videos"
     runs = {
         # every video length at concurrency 1, then the concurrency sweep on one length

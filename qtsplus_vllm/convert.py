@@ -5,7 +5,7 @@ selector → n tokens) and through stock vLLM's ``Qwen2_5_VLForConditionalGenera
 tokens). This module writes the second form:
 
     python -m qtsplus_vllm.convert QTSplus-7B qwen2_5_vl-7B      # or convert_to_qwen2_5_vl(src, out)
-    vllm serve qwen2_5_vl-7B --media-io-kwargs '{"video": {"video_backend": "qtsplus"}}'
+    vllm serve qwen2_5_vl-7B --media-io-kwargs '{"video": {"video_backend": "qtsplus_frames"}}'
 
 What the output holds:
 
@@ -26,7 +26,7 @@ What the output holds:
   (images: the source's, as released) and ``video_preprocessor_config.json`` written so that
   transformers' ``Qwen2VLVideoProcessor`` resizes video frames like our plugin (below).
 
-Equal M. Given the same decoded frames (serve with our loader, ``video_backend`` ``qtsplus``, so both
+Equal M. Given the same decoded frames (serve with our loader, ``video_backend`` ``qtsplus_frames``, so both
 servers keep the same frames), the stock processor's ``video_grid_thw`` equals ours, so its number of
 video placeholders equals the plugin's M with ``{"qtsplus_select": false}`` (tests/e2e/
 test_convert_serve.py: M = 420, 840 and 360 on three tiny videos, the prompt ids identical).
@@ -65,7 +65,7 @@ answers):
 - EVS (``--video-pruning-rate``) crashes vLLM 0.32's CPU engine (tests/e2e/test_convert_serve.py
   says why); on CUDA it prunes the stock model's video tokens query-blind.
 - frames: only with our loader. vLLM's default loader keeps 32 frames, so a stock server without
-  ``video_backend`` ``qtsplus`` sees different frames and a different M.
+  ``video_backend`` ``qtsplus_frames`` sees different frames and a different M.
 - settings: our per-request ``max_pixels``/``min_pixels`` and the stock processor's
   ``mm_processor_kwargs`` size keys differ in spelling and defaults; convert with the same bounds
   (``--max-pixels``/``--min-pixels``) instead of changing them per request.

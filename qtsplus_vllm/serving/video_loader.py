@@ -54,11 +54,12 @@ from vllm.multimodal.video import VIDEO_LOADER_REGISTRY, VideoLoader
 
 from ..config import MODEL_TYPE
 from ..limits import LimitExceeded, server_limits
-from ..streaming import EncodedVideo
+from ..streaming import EncodedVideo, LazyVideo
 from ..video import SamplingConfig, VideoDecodeError, probe_video
 from .errors import as_http_error
 
 LOADER_NAME = "qtsplus"
+FRAMES_LOADER_NAME = "qtsplus_frames"  # the same frames, decoded (stock baselines)
 VIDEO_PROCESSOR_NAME = "QTSplusVideoProcessor"  # a name only: no such class exists or is needed
 
 ACCEPTED_KWARGS = ("fps", "min_frames", "max_frames")
@@ -157,6 +158,31 @@ class QTSplusVideoLoader(VideoLoader):
         return EncodedVideo(data, plan), metadata
 
 
+class QTSplusFramesVideoLoader(QTSplusVideoLoader):
+    """The same checks, limits and frames as ``"qtsplus"``, returned decoded: uint8 [T, H, W, 3].
+
+    For models whose processor expects frames — a stock Qwen2.5-VL baseline served on the same
+    frames as QTSplus (``--media-io-kwargs '{"video": {"video_backend": "qtsplus_frames"}}'``,
+    ``qtsplus_vllm.convert``). QTSplus models use ``"qtsplus"``, which leaves decoding to the
+    processor's bounded stream; this one holds every kept frame at the decode size.
+    """
+
+    @classmethod
+    def load_bytes(
+        cls, data: bytes, /, num_frames: int = -1, **kwargs: Any
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        encoded, metadata = super().load_bytes(data, num_frames, **kwargs)
+        video = LazyVideo(encoded)
+        frames = video.to_array()  # a count found wrong while decoding re-plans: report the final plan
+        metadata.update(
+            total_num_frames=video.plan.total_frames,
+            duration=video.plan.total_frames / video.plan.source_fps,
+            frames_indices=[int(i) for i in video.plan.frame_indices],
+            video_backend=FRAMES_LOADER_NAME,
+        )
+        return frames, metadata
+
+
 def register_video_loader() -> None:
     """Register :class:`QTSplusVideoLoader` as ``"qtsplus"`` and make it our model's default.
 
@@ -164,6 +190,7 @@ def register_video_loader() -> None:
     model's video processor name (which it caches per model).
     """
     VIDEO_LOADER_REGISTRY.register(LOADER_NAME, video_processor=VIDEO_PROCESSOR_NAME)(QTSplusVideoLoader)
+    VIDEO_LOADER_REGISTRY.register(FRAMES_LOADER_NAME)(QTSplusFramesVideoLoader)
     # Released checkpoints name no video_processor_type, so vLLM falls back to this mapping by
     # model_type. Only vLLM's loader selection reads it by key: transformers' own lookups go
     # through VIDEO_PROCESSOR_MAPPING, which skips model types absent from CONFIG_MAPPING_NAMES

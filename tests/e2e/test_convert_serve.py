@@ -2,7 +2,7 @@
 
 A tiny QTSplus checkpoint is converted to plain Qwen2.5-VL and served by vLLM's own
 ``Qwen2_5_VLForConditionalGeneration`` (no plugin model, no selector), with our video loader
-(``video_backend`` ``qtsplus``) so both see the same frames. Its prompt must be the QTSplus
+(``video_backend`` ``qtsplus_frames``) so both see the same frames. Its prompt must be the QTSplus
 all-token baseline token for token: the oracle's prompt with the n selected placeholders replaced
 by M, i.e. what the plugin serves with ``{"qtsplus_select": false}``.
 
@@ -48,7 +48,7 @@ def assets(tmp_path_factory):
 def stock_args(root, *extra: str) -> list[str]:
     return cpu_serve_args(max_model_len=4096) + [
         "--allowed-local-media-path", str(root),
-        "--media-io-kwargs", json.dumps({"video": {"video_backend": "qtsplus"}}),
+        "--media-io-kwargs", json.dumps({"video": {"video_backend": "qtsplus_frames"}}),
         *extra,
     ]  # fmt: skip
 

@@ -74,6 +74,18 @@ def test_output_equals_decode_video(clip_bytes):
     assert all(type(i) is int for i in meta["frames_indices"])
 
 
+def test_frames_loader_returns_the_same_frames_decoded(clip_bytes):
+    """``qtsplus_frames`` (stock baselines): the frames ``qtsplus`` plans, decoded in the loader."""
+    from qtsplus_vllm.serving.video_loader import QTSplusFramesVideoLoader
+
+    frames, meta = QTSplusFramesVideoLoader.load_bytes(clip_bytes, num_frames=32, fps=2.0, max_frames=64)
+    expected = decode_video(clip_bytes, SamplingConfig(fps=2.0, max_frames=64))
+    assert type(frames) is np.ndarray and frames.dtype == np.uint8
+    np.testing.assert_array_equal(frames, expected.frames)
+    assert meta["video_backend"] == "qtsplus_frames"
+    assert meta["frames_indices"] == expected.frame_indices and meta["total_num_frames"] == 100
+
+
 @pytest.mark.parametrize(
     "kwargs, count",
     [
