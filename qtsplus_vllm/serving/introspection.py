@@ -264,9 +264,10 @@ class SelectionInspector:
         question, selection = await asyncio.to_thread(self._select, prompt_ids, frames, body)
         selection_ms = (time.perf_counter() - clock) * 1e3
 
-        grid, steps, kept = describe_selection(
-            selection, metadata.get("frames_indices", []), metadata.get("fps")
-        )
+        # a streamed video's own plan: redone if the decoder found another frame count than the header
+        plan = getattr(frames, "plan", None)
+        indices = plan.frame_indices if plan is not None else metadata.get("frames_indices", [])
+        grid, steps, kept = describe_selection(selection, list(indices), metadata.get("fps"))
         if body.include_frames:
             wanted = [step for step in steps if step.kept_tokens]
             pictures = await asyncio.to_thread(

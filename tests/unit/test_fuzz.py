@@ -248,7 +248,10 @@ def load_or_reject(data: bytes, kwargs: dict) -> tuple[np.ndarray, dict] | None:
         assert frames.shape == lazy.shape
         if lazy.plan is not encoded.plan:  # the decoder found another frame count and redid the plan
             metadata = {**metadata, "frames_indices": list(lazy.plan.frame_indices)}
-            metadata.update(total_num_frames=lazy.plan.total_frames)
+            metadata.update(
+                total_num_frames=lazy.plan.total_frames,
+                duration=lazy.plan.total_frames / lazy.plan.source_fps,
+            )
         return frames, metadata
     except QTSplusHTTPError as err:
         assert isinstance(err.__cause__, LimitExceeded)
