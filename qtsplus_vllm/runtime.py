@@ -106,15 +106,19 @@ def feature_cache_settings() -> tuple[int | None, torch.device | None, int | Non
 
     first, host = size("QTSPLUS_FEATURE_CACHE_BYTES"), size("QTSPLUS_FEATURE_CACHE_HOST_BYTES")
     name = os.environ.get("QTSPLUS_FEATURE_CACHE_DEVICE", "").strip()
-    device = None
-    if name:
-        try:
-            device = torch.device(name)
-        except RuntimeError as err:
-            raise ValueError(f"QTSPLUS_FEATURE_CACHE_DEVICE={name!r} is not a torch device: {err}") from None
-        if device.type not in ("cpu", "cuda"):
-            raise ValueError(f"QTSPLUS_FEATURE_CACHE_DEVICE={name!r}: the cache lives on cpu or cuda[:N]")
+    device = parse_device(name, f"QTSPLUS_FEATURE_CACHE_DEVICE={name!r}") if name else None
     return first, device, host
+
+
+def parse_device(name: str, setting: str) -> torch.device:
+    """``name`` as a cpu or cuda[:N] torch device; ``ValueError`` naming ``setting`` otherwise."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"{setting}: {name!r} is not a torch device: {err}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{setting}: {name!r} is neither cpu nor cuda[:N]")
+    return device
 
 
 @contextlib.contextmanager

@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 
+from ..runtime import parse_device
+
 _DEVICE_VAR = "QTSPLUS_DEVICE"
 
 
@@ -54,13 +56,7 @@ def selection_devices(value: str | None = None) -> list[torch.device]:
                 f"{_DEVICE_VAR}={raw!r} has an empty entry: give one device (cuda:1) or a comma-separated "
                 "list assigned by API-server rank (cuda:1,cuda:2)"
             )
-        try:
-            device = torch.device(entry)
-        except RuntimeError as err:
-            raise ValueError(f"{_DEVICE_VAR}={raw!r}: {entry!r} is not a torch device: {err}") from None
-        if device.type not in ("cpu", "cuda"):
-            raise ValueError(f"{_DEVICE_VAR}={raw!r}: {entry!r}: the selection runs on cpu or cuda[:N]")
-        devices.append(device)
+        devices.append(parse_device(entry, f"{_DEVICE_VAR}={raw!r}"))
     return devices
 
 

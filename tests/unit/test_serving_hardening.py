@@ -304,11 +304,12 @@ def test_metrics_are_created_once_under_concurrency(monkeypatch):
 
     from qtsplus_vllm.serving import metrics as metrics_module
 
-    for name in list(REGISTRY._names_to_collectors):  # start from a registry without our metrics
-        if name.startswith("qtsplus_"):
-            collector = REGISTRY._names_to_collectors.get(name)
-            if collector is not None:
-                REGISTRY.unregister(collector)
+    def ours() -> set:
+        return {c for n, c in list(REGISTRY._names_to_collectors.items()) if n.startswith("qtsplus_")}
+
+    before = ours()
+    for collector in before:  # start from a registry without our metrics ...
+        REGISTRY.unregister(collector)
     monkeypatch.setattr(metrics_module, "_METRICS", None)
     real, created = metrics_module._create, []
 
@@ -328,12 +329,18 @@ def test_metrics_are_created_once_under_concurrency(monkeypatch):
             errors.append(err)
 
     threads = [threading.Thread(target=first_use) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert errors == [] and len(created) == 1
-    assert all(result is results[0] for result in results)
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert errors == [] and len(created) == 1
+        assert all(result is results[0] for result in results)
+    finally:  # ... and leave it as it was for the tests after this one
+        for collector in ours():
+            REGISTRY.unregister(collector)
+        for collector in before:
+            REGISTRY.register(collector)
 
 
 # --- item 4: the introspection endpoint keeps the event loop free --------------------------------
