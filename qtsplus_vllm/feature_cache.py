@@ -208,6 +208,11 @@ class FeatureCache:
 
     # -- the interface -------------------------------------------------------------------------
 
+    def contains(self, key: str) -> bool:
+        """Whether either tier holds ``key`` (no statistics, no reordering)."""
+        with self._lock:
+            return key in self._entries or key in self._host
+
     def get(self, key: str, device: torch.device) -> CachedFeatures | None:
         with self._lock:
             entry = self._entries.get(key)

@@ -25,6 +25,7 @@ with CUDA) says where the first tier lives.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import threading
 import time
@@ -43,16 +44,20 @@ from .options import SelectionOptions
 from .selector import QTSplusSelector
 from .streaming import (
     LazyVideo,
+    PreparedFrames,
     chunk_frames_for,
     chunk_geometry,
     frame_chunks,
     iter_vision_inputs,
+    prepare_frames,
+    prepared_vision_inputs,
     stream_chunk_frames,
 )
 from .video import FrameCountMismatch, PreprocessConfig, vit_patch_count
 from .vision import VisionEncoder
 
 EMBED_KEY = "model.embed_tokens.weight"
+logger = logging.getLogger(__name__)
 
 
 def default_device() -> torch.device:
@@ -213,6 +218,7 @@ def check_server_settings(model: str | None = None) -> None:
     feature_cache_settings()
     trust_client_uuids()
     runtime_retry_seconds()
+    prepare_in_loader()
     from .serving.deployment import selection_devices
 
     selection_devices()  # QTSPLUS_DEVICE: one device, or a list by API-server rank
@@ -347,26 +353,25 @@ class SelectionRuntime:
             raise ValueError(f"question token ids outside the vocabulary [0, {self.embed_tokens.shape[0]})")
         return self.embed_tokens[ids].to(self.device, non_blocking=True)
 
-    def _encode_chunks(
+    def _encode_inputs(
         self,
-        chunks: Iterator[np.ndarray],
+        inputs: Iterator[tuple[torch.Tensor, torch.Tensor]],
         shape: tuple[int, int, int, int],
         preprocess: PreprocessConfig,
         timings: dict[str, float],
     ) -> CachedFeatures:
-        """ViT features of a video given as uint8 chunks [c, H, W, 3] of its ``shape[0]`` frames.
+        """ViT features of a video of ``shape`` [T, H, W, 3] from its ViT inputs, chunk by chunk.
 
-        Each chunk is preprocessed on the device (:func:`~qtsplus_vllm.streaming.iter_vision_inputs`:
-        bit-identical to preprocessing the whole video) and encoded on its own; its rows go into one
-        preallocated [M, D] tensor. Chunks hold whole temporal patches and the ViT attends only
-        within a temporal patch, so the rows are those of one pass over the whole video (up to
-        floating-point blocking). Only one chunk's pixels and activations exist at a time.
+        Each chunk (:func:`~qtsplus_vllm.streaming.iter_vision_inputs` or
+        :func:`~qtsplus_vllm.streaming.prepared_vision_inputs`: bit-identical to preprocessing the
+        whole video) is encoded on its own; its rows go into one preallocated [M, D] tensor. Chunks
+        hold whole temporal patches and the ViT attends only within a temporal patch, so the rows
+        are those of one pass over the whole video (up to floating-point blocking). Only one chunk's
+        pixels and activations exist at a time.
         """
         padded, size, m = chunk_geometry(shape, preprocess)
         visual, row = None, 0
-        for pixel_values, grid_thw in iter_vision_inputs(
-            chunks, shape, preprocess, self.device, self.dtype, timings
-        ):
+        for pixel_values, grid_thw in inputs:
             clock = time.perf_counter()
             rows = self.vision(pixel_values, grid_thw)  # [c/2 · gh · gw / merge², D]
             del pixel_values
@@ -386,8 +391,35 @@ class SelectionRuntime:
             visual, (padded // preprocess.temporal_patch_size, size[0] // p, size[1] // p), padded
         )
 
+    def _encode_chunks(
+        self,
+        chunks: Iterator[np.ndarray],
+        shape: tuple[int, int, int, int],
+        preprocess: PreprocessConfig,
+        timings: dict[str, float],
+    ) -> CachedFeatures:
+        """ViT features of a video given as uint8 chunks [c, H, W, 3] of its ``shape[0]`` frames."""
+        inputs = iter_vision_inputs(chunks, shape, preprocess, self.device, self.dtype, timings)
+        return self._encode_inputs(inputs, shape, preprocess, timings)
+
+    def _encode_prepared(
+        self, video: LazyVideo, preprocess: PreprocessConfig, timings: dict[str, float]
+    ) -> CachedFeatures:
+        """ViT features from the frames the media loader decoded and resized (``PreparedFrames``)."""
+        prepared = video.prepared
+        for stage in ("decode_ms", "decode_wait_ms", "preprocess_ms"):
+            timings[stage] += prepared.timings_ms.get(stage, 0.0)
+        chunk = chunk_frames_for(
+            *video.shape[1:3], stream_chunk_frames(), _patches_per_frame(video.shape, preprocess)
+        )
+        inputs = prepared_vision_inputs(prepared, preprocess, chunk, self.device, self.dtype, timings)
+        return self._encode_inputs(inputs, video.shape, preprocess, timings)
+
     def _encode(self, frames, preprocess: PreprocessConfig, timings: dict[str, float]) -> CachedFeatures:
         chunk = stream_chunk_frames()
+        if isinstance(frames, LazyVideo) and frames.prepared is not None:
+            if frames.prepared.matches(frames, preprocess):  # the loader decoded and resized it
+                return self._encode_prepared(frames, preprocess, timings)
         if isinstance(frames, LazyVideo):
             # The decoder thread (with FFmpeg's own threads) runs next to the ViT: torch keeps one
             # core fewer meanwhile. All cores for both oversubscribe them and torch's OpenMP threads
@@ -481,6 +513,85 @@ class SelectionRuntime:
             cache_hit=hit,
             merge_size=preprocess.merge_size,
         )
+
+
+# -- decoding ahead, in the media loader -----------------------------------------------------------
+
+PREPARE_ENV = "QTSPLUS_PREPARE_IN_LOADER"
+_LOADER_PREPROCESS: PreprocessConfig | None = None
+
+
+def prepare_in_loader() -> bool:
+    """``QTSPLUS_PREPARE_IN_LOADER`` (default 1): decode and resize videos in vLLM's media threads.
+
+    On (the default), the loader decodes and resizes each video as soon as it is fetched, in vLLM's
+    media thread pool, where the videos of concurrent requests are decoded in parallel; the
+    processor (one thread per API server) then runs only the ViT and the selector. Off, the loader
+    only plans the video and the processor decodes it as a stream next to the ViT (less memory per
+    waiting request, no parallel decoding).
+    """
+    raw = os.environ.get(PREPARE_ENV, "").strip().lower()
+    if raw in ("", "1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{PREPARE_ENV} must be 0 or 1, got {raw!r}")
+
+
+def set_loader_preprocess(config: PreprocessConfig) -> None:
+    """The server's default preprocessing (its ``--mm-processor-kwargs``), which the loader resizes to.
+
+    Set by the processor when the server starts; a request whose own kwargs change the
+    preprocessing has its video decoded again by the processor.
+    """
+    global _LOADER_PREPROCESS
+    _LOADER_PREPROCESS = config
+
+
+def loader_preprocess() -> PreprocessConfig:
+    return _LOADER_PREPROCESS or PreprocessConfig()
+
+
+def loaded_runtime() -> SelectionRuntime | None:
+    """This process's selection runtime if one is loaded (a server loads one)."""
+    with _RUNTIMES_LOCK:
+        return next(iter(_RUNTIMES.values()), None)
+
+
+def prepare_video(video: LazyVideo, preprocess: PreprocessConfig | None = None) -> PreparedFrames | None:
+    """Decode and resize ``video`` ahead of the processor (:func:`~qtsplus_vllm.streaming.prepare_frames`),
+    or None where that would be wasted or cannot be done here.
+
+    None when the ViT-feature cache already holds the video with these settings (a follow-up question
+    needs neither frames nor decoding), when the video is over the ViT-patch limit at these settings
+    (the processor refuses it, or decodes it at a request's own lower settings), after a device
+    failure, and when the resize runs out of memory (the processor then streams the video, with its
+    own handling of that). Decode errors and limits met while decoding raise.
+    """
+    from .limits import server_limits
+
+    if _DEVICE_FAILURE is not None:
+        return None
+    preprocess = preprocess or loader_preprocess()
+    t, h, w, _ = video.shape
+    if vit_patch_count(t, h, w, preprocess) > server_limits().max_vit_patches:
+        return None
+    runtime = loaded_runtime()
+    if runtime is not None and runtime.feature_cache.max_bytes:
+        if runtime.feature_cache.contains(video.digest(astuple(preprocess))):
+            return None
+    device = runtime.device if runtime is not None else default_device()
+    try:
+        return prepare_frames(video, preprocess, device)
+    except (RuntimeError, MemoryError) as err:
+        if not (out_of_memory(err) or sticky_device_error(err)):
+            raise
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+    release_device_memory(device)
+    logger.warning(
+        "QTSplus: decoding a %s video ahead failed (%s); the processor decodes it", list(video.shape), reason
+    )
+    return None
 
 
 _RUNTIMES: dict[tuple[str, str, torch.dtype], SelectionRuntime] = {}

@@ -22,6 +22,7 @@ import queue
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import astuple, dataclass, field
 
 import numpy as np
 import torch
@@ -34,7 +35,7 @@ from .video import (
     VideoPlan,
     iter_sampled_frames,
     patchify,
-    resize_frames,
+    resize_frames_uint8,
     target_size,
 )
 
@@ -82,20 +83,25 @@ def resize_batch_for(height: int, width: int) -> int:
 
 
 class EncodedVideo(np.ndarray):
-    """A video's encoded bytes as a 1-D uint8 array (a view, no copy) carrying its :class:`VideoPlan`."""
+    """A video's encoded bytes as a 1-D uint8 array (a view, no copy) carrying its :class:`VideoPlan`
+    and, when the loader decoded it ahead (:func:`prepare_frames`), its :class:`PreparedFrames` —
+    attributes only: vLLM hashes and sees the encoded bytes alone."""
 
     plan: VideoPlan | None
+    prepared: PreparedFrames | None
 
     def __new__(cls, data: bytes | bytearray | memoryview | np.ndarray, plan: VideoPlan) -> EncodedVideo:
         array = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data
         obj = array.reshape(-1).view(cls)
         obj.plan = plan
+        obj.prepared = None
         return obj
 
     def __array_finalize__(self, obj) -> None:
         self.plan = getattr(obj, "plan", None)
+        self.prepared = getattr(obj, "prepared", None)
 
-    def __reduce__(self):
+    def __reduce__(self):  # the prepared frames stay in this process: a copy decodes again
         return (EncodedVideo, (self.tobytes(), self.plan))
 
 
@@ -118,6 +124,7 @@ class LazyVideo:
         self.plan = plan or data.plan
         if self.plan is None:
             raise ValueError("an encoded video needs its sampling plan")
+        self.prepared: PreparedFrames | None = getattr(data, "prepared", None)
         self._cursor: Iterator[np.ndarray] | None = None
         self._cursor_pos = -1
         self._cursor_frame: np.ndarray | None = None
@@ -272,22 +279,20 @@ def chunk_geometry(shape: tuple[int, ...], config: PreprocessConfig) -> tuple[in
     return padded, size, tokens
 
 
-def iter_vision_inputs(
+def iter_resized(
     chunks: Iterator[np.ndarray],
     shape: tuple[int, ...],
     config: PreprocessConfig,
     device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
     timings: dict[str, float] | None = None,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """ViT inputs (pixel_values, grid_thw) chunk by chunk for a video of ``shape`` [T, H, W, 3] given as
-    uint8 chunks [c, H, W, 3] (c even except for the last chunk).
+) -> Iterator[torch.Tensor]:
+    """The frames of a video of ``shape`` [T, H, W, 3], given as uint8 chunks [c, H, W, 3] (c even
+    except for the last chunk), resized chunk by chunk: uint8 [c, 3, h, w] on ``device``.
 
-    Each chunk goes to ``device`` as uint8 and is resized there (qwen-vl-utils' size for the whole
-    video's T), normalised and patchified exactly as :func:`~qtsplus_vllm.video.preprocess_frames`
-    does the whole video: the concatenated pixel_values are bit-identical to its output, and the
-    grids, concatenated along t, are its grid. An odd video gets its last frame repeated.
-    ``timings["preprocess_ms"]`` accumulates the time spent here.
+    Each chunk goes to ``device`` as uint8 and is resized there to qwen-vl-utils' size for the whole
+    video's T (:func:`~qtsplus_vllm.video.resize_frames_uint8`, :data:`RESIZE_BATCH` frames at a
+    time); an odd video gets its last frame repeated. ``timings["preprocess_ms"]`` accumulates the
+    time spent here.
     """
     timings = timings if timings is not None else {}
     timings.setdefault("preprocess_ms", 0.0)
@@ -295,8 +300,6 @@ def iter_vision_inputs(
     num_frames = shape[0]
     _, size, _ = chunk_geometry(shape, config)
     batch = resize_batch_for(shape[1], shape[2])
-    mean = torch.tensor(config.image_mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(config.image_std, device=device).view(1, 3, 1, 1)
     seen = 0
     for chunk in chunks:
         clock = time.perf_counter()
@@ -313,19 +316,150 @@ def iter_vision_inputs(
         x = x.to(device=device, non_blocking=True).permute(0, 3, 1, 2)  # [c, 3, H, W] uint8
         # RESIZE_BATCH frames at a time, made contiguous: the resize kernel then reads and writes
         # NCHW without the copies a channels-last view costs (~30 % of its time); same values
-        parts = [resize_frames(x[i : i + batch].contiguous(), size) for i in range(0, x.shape[0], batch)]
-        x = torch.cat(parts) if len(parts) > 1 else parts[0]
-        del parts
-        x = (x / 255.0 - mean) / std
-        pixel_values, grid_thw = patchify(x, config)
+        parts = [resize_frames_uint8(x[i : i + batch].contiguous(), size) for i in range(0, x.shape[0], batch)]
         del x
-        pixel_values = pixel_values.to(dtype)
+        resized = torch.cat(parts) if len(parts) > 1 else parts[0]
+        del parts
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         timings["preprocess_ms"] += (time.perf_counter() - clock) * 1e3
-        yield pixel_values, grid_thw
+        yield resized
     if seen != num_frames:
         raise VideoDecodeError(f"the video yielded {seen} of its {num_frames} frames")
+
+
+def normalized_inputs(
+    resized: torch.Tensor, config: PreprocessConfig, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Resized uint8 frames [c, 3, h, w] (c even) -> (pixel_values, grid_thw), normalised and
+    patchified on their device exactly as :func:`~qtsplus_vllm.video.preprocess_frames` does."""
+    mean = torch.tensor(config.image_mean, device=resized.device).view(1, 3, 1, 1)
+    std = torch.tensor(config.image_std, device=resized.device).view(1, 3, 1, 1)
+    x = (resized.float() / 255.0 - mean) / std
+    pixel_values, grid_thw = patchify(x, config)
+    del x
+    return pixel_values.to(dtype), grid_thw
+
+
+def iter_vision_inputs(
+    chunks: Iterator[np.ndarray],
+    shape: tuple[int, ...],
+    config: PreprocessConfig,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    timings: dict[str, float] | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """ViT inputs (pixel_values, grid_thw) chunk by chunk for a video of ``shape`` [T, H, W, 3] given as
+    uint8 chunks [c, H, W, 3] (c even except for the last chunk).
+
+    Each chunk is resized (:func:`iter_resized`), normalised and patchified exactly as
+    :func:`~qtsplus_vllm.video.preprocess_frames` does the whole video: the concatenated
+    pixel_values are bit-identical to its output, and the grids, concatenated along t, are its grid.
+    ``timings["preprocess_ms"]`` accumulates the time spent here.
+    """
+    timings = timings if timings is not None else {}
+    for resized in iter_resized(chunks, shape, config, device, timings):
+        clock = time.perf_counter()
+        pixel_values, grid_thw = normalized_inputs(resized, config, dtype)
+        del resized
+        if pixel_values.device.type == "cuda":
+            torch.cuda.synchronize(pixel_values.device)
+        timings["preprocess_ms"] += (time.perf_counter() - clock) * 1e3
+        yield pixel_values, grid_thw
+
+
+@dataclass
+class PreparedFrames:
+    """A video's sampled frames decoded and resized ahead of the ViT (in the media loader).
+
+    frames:   uint8 [T', 3, h, w] on the CPU — the resized frames of :func:`iter_resized`, T' = T
+              padded to whole temporal patches; exactly the values the processor's own stream
+              would resize, so the ViT inputs made from them are bit-identical.
+    settings: the preprocessing settings (``astuple(PreprocessConfig)``) they were resized with.
+    plan_key: the sampling plan (``VideoPlan.key()``) they were decoded from.
+    timings_ms: ``decode_ms``, ``decode_wait_ms`` and ``preprocess_ms`` (the resize) spent making them.
+    """
+
+    frames: torch.Tensor
+    settings: tuple
+    plan_key: tuple
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return self.frames.numel() * self.frames.element_size()
+
+    def matches(self, video: LazyVideo, config: PreprocessConfig) -> bool:
+        return self.settings == astuple(config) and self.plan_key == video.plan.key()
+
+
+def prepare_chunk_frames(height: int, width: int) -> int:
+    """Decoded frames per chunk while preparing: two resize batches (even), so that each of the media
+    threads decoding at once holds a few frames at the decode size, not :data:`CHUNK_BYTES`."""
+    batch = resize_batch_for(height, width)
+    return max(FRAME_FACTOR, 2 * batch - (2 * batch) % FRAME_FACTOR)
+
+
+def prepare_frames(
+    video: LazyVideo,
+    config: PreprocessConfig,
+    device: str | torch.device = "cpu",
+    timings: dict[str, float] | None = None,
+) -> PreparedFrames:
+    """Decode ``video`` (a background thread) and resize its frames into one uint8 CPU tensor.
+
+    Memory: the result (T'·3·h·w bytes, bounded by the ViT-patch limit: 588 B per patch) plus the
+    stream's few decoded chunks (:func:`prepare_chunk_frames`) and one resize batch. A stream that
+    holds another frame count than planned re-plans ``video`` and starts again.
+    """
+    timings = timings if timings is not None else {}
+    timings.setdefault("preprocess_ms", 0.0)
+    while True:
+        shape = video.shape
+        padded, (h, w), _ = chunk_geometry(shape, config)
+        out = torch.empty((padded, 3, h, w), dtype=torch.uint8)
+        stream = video.chunks(prepare_chunk_frames(*shape[1:3]), timings)
+        row = 0
+        try:
+            for resized in iter_resized(stream, shape, config, device, timings):
+                clock = time.perf_counter()
+                out[row : row + resized.shape[0]].copy_(resized)
+                row += resized.shape[0]
+                timings["preprocess_ms"] += (time.perf_counter() - clock) * 1e3
+        except FrameCountMismatch:  # video.plan is redone from the decoded count
+            continue
+        finally:
+            stream.close()  # stops the decoder thread on any failure
+        if row != padded:
+            raise RuntimeError(f"prepared {row} of the {padded} frames planned")
+        return PreparedFrames(out, astuple(config), video.plan.key(), dict(timings))
+
+
+def prepared_vision_inputs(
+    prepared: PreparedFrames,
+    config: PreprocessConfig,
+    chunk_frames: int,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    timings: dict[str, float] | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """ViT inputs chunk by chunk (``chunk_frames``, even) from prepared frames: bit-identical to
+    :func:`iter_vision_inputs` on the same video. ``timings["preprocess_ms"]`` accumulates the
+    normalisation and patchifying."""
+    timings = timings if timings is not None else {}
+    timings.setdefault("preprocess_ms", 0.0)
+    if chunk_frames < FRAME_FACTOR or chunk_frames % FRAME_FACTOR:
+        raise ValueError(f"chunk_frames must be a positive even number, got {chunk_frames}")
+    frames = prepared.frames
+    for start in range(0, frames.shape[0], chunk_frames):
+        clock = time.perf_counter()
+        resized = frames[start : start + chunk_frames].to(device, non_blocking=True)
+        pixel_values, grid_thw = normalized_inputs(resized, config, dtype)
+        del resized
+        if pixel_values.device.type == "cuda":
+            torch.cuda.synchronize(pixel_values.device)
+        timings["preprocess_ms"] += (time.perf_counter() - clock) * 1e3
+        yield pixel_values, grid_thw
 
 
 def frame_chunks(frames: np.ndarray, chunk_frames: int) -> Iterator[np.ndarray]:

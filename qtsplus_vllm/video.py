@@ -549,13 +549,18 @@ def vit_patch_count(num_frames: int, height: int, width: int, config: Preprocess
     return (t // config.temporal_patch_size) * (h // config.patch_size) * (w // config.patch_size)
 
 
-def resize_frames(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """[T, 3, H, W] uint8 -> [T, 3, h, w] float32 with integer values (bicubic, antialiased).
+def resize_frames_uint8(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """[T, 3, H, W] uint8 -> [T, 3, h, w] uint8 (bicubic, antialiased, rounded like qwen-vl-utils).
 
-    Resizing the uint8 tensor rounds to uint8 like qwen-vl-utils' ``fetch_video`` does.
+    torchvision resizes a uint8 tensor in float32 and rounds the result back to uint8, as
+    qwen-vl-utils' ``fetch_video`` does before its ``.float()``: these values, kept as uint8.
     """
-    out = tvf.resize(frames, list(size), interpolation=InterpolationMode.BICUBIC, antialias=True)
-    return out.float()
+    return tvf.resize(frames, list(size), interpolation=InterpolationMode.BICUBIC, antialias=True)
+
+
+def resize_frames(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """[T, 3, H, W] uint8 -> [T, 3, h, w] float32 with integer values (:func:`resize_frames_uint8`)."""
+    return resize_frames_uint8(frames, size).float()
 
 
 def patchify(frames: torch.Tensor, config: PreprocessConfig) -> tuple[torch.Tensor, torch.Tensor]:

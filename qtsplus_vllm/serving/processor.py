@@ -239,8 +239,9 @@ class QTSplusMultiModalProcessor(BaseMultiModalProcessor[QTSplusProcessingInfo])
         # Server settings are checked when the server starts, not per request: the defaults given as
         # --mm-processor-kwargs, every QTSPLUS_* variable and, for a local checkpoint, its ViT and
         # selector tensors (a Hub checkpoint is checked by the engine when it loads the weights).
-        parse_options(info.ctx.get_mm_config().mm_processor_kwargs or {})
+        defaults = parse_options(info.ctx.get_mm_config().mm_processor_kwargs or {})
         check_server_settings(info.ctx.model_config.model)
+        set_loader_preprocess(defaults.preprocess_config())  # what the media loader resizes to
         install_health_check()
 
     def apply(self, inputs: ProcessorInputs, timing_ctx):

@@ -3,12 +3,14 @@
 vLLM loads ``video_url`` parts in the API server's media thread pool with ``VideoMediaIO``, which
 calls ``loader.load_bytes(data, num_frames=..., **media_io_kwargs["video"])``. Its default loader
 keeps 32 frames; :class:`QTSplusVideoLoader` plans qwen-vl-utils' frames (PyAV, ``smart_nframes``,
-even count) and decodes nothing: it checks the header and the limits, counts the frames with a demux
-pass and returns the encoded bytes with the plan (:class:`~qtsplus_vllm.streaming.EncodedVideo`).
-The processor decodes the planned frames as a stream into the ViT (``qtsplus_vllm.streaming``), or
-not at all when the ViT features of this video are cached. Errors found here (an unreadable file, a
-limit) are the request's 400/413 before any decoding; errors found while decoding become a 400 in
-the processor.
+even count): it checks the header and the limits, counts the frames with a demux pass and returns
+the encoded bytes with the plan (:class:`~qtsplus_vllm.streaming.EncodedVideo`). By default it then
+decodes the planned frames and resizes them for the ViT right here, in the media thread pool, so
+that the videos of concurrent requests decode in parallel while the processor (one thread per API
+server) runs the ViT and the selector; nothing is decoded when the ViT features of this video are
+cached. With ``QTSPLUS_PREPARE_IN_LOADER=0`` the processor decodes the frames as a stream into the
+ViT instead (``qtsplus_vllm.streaming``). Errors found here (an unreadable file, a limit, a stream
+that cannot be decoded) are the request's 400/413.
 
 Selection, in vLLM's order (media/connector.py ``fetch_video`` then ``VideoMediaIO.__init__``):
 
@@ -54,6 +56,7 @@ from vllm.multimodal.video import VIDEO_LOADER_REGISTRY, VideoLoader
 
 from ..config import MODEL_TYPE
 from ..limits import LimitExceeded, server_limits
+from ..runtime import prepare_in_loader, prepare_video
 from ..streaming import EncodedVideo, LazyVideo
 from ..video import SamplingConfig, VideoDecodeError, probe_video
 from .errors import as_http_error
@@ -118,22 +121,36 @@ def sampling_from_kwargs(kwargs: Mapping[str, Any]) -> SamplingConfig:
     return SamplingConfig(fps=float(fps), min_frames=min_frames, max_frames=max_frames)
 
 
+def _final_plan(metadata: dict[str, Any], video: LazyVideo) -> None:
+    """Report the plan a decode ended with (a count found wrong while decoding re-plans the video)."""
+    metadata.update(
+        total_num_frames=video.plan.total_frames,
+        duration=video.plan.total_frames / video.plan.source_fps,
+        frames_indices=[int(i) for i in video.plan.frame_indices],
+    )
+
+
+def _decoding(video: LazyVideo, decode):
+    """Run ``decode()`` on ``video`` with a limit met while decoding (more frames than the header
+    said) as the request's HTTP error."""
+    try:
+        return decode()
+    except LimitExceeded as err:
+        raise as_http_error(err) from err
+
+
 class QTSplusVideoLoader(VideoLoader):
-    """Checks and plans a video in vLLM's media threads; the processor decodes it (module docstring)."""
+    """Checks, plans and (by default) decodes and resizes a video in vLLM's media threads (module docstring)."""
 
     @classmethod
-    def load_bytes(
-        cls, data: bytes, /, num_frames: int = -1, **kwargs: Any
-    ) -> tuple[np.ndarray, dict[str, Any]]:
-        """Video file bytes -> (an :class:`~qtsplus_vllm.streaming.EncodedVideo`, metadata).
+    def probe(cls, data: bytes, kwargs: Mapping[str, Any]) -> tuple[EncodedVideo, dict[str, Any]]:
+        """Video file bytes -> (an :class:`~qtsplus_vllm.streaming.EncodedVideo`, metadata), decoding nothing.
 
-        No frame is decoded here: the header checks and limits, a demux pass that counts the
-        frames (and stops at ``QTSPLUS_MAX_SOURCE_FRAMES``) and the sampling plan. The first value
-        is the encoded bytes as a 1-D uint8 array (a view of ``data``, no copy) carrying the plan;
-        the processor decodes the planned frames as a stream (``LazyVideo``). ``num_frames`` is
-        accepted and ignored. The metadata has the keys of ``VideoLoader.create_hf_metadata``;
-        vLLM hashes it with the bytes, so the same video sampled differently is a different cache
-        entry.
+        The header checks and limits, a demux pass that counts the frames (and stops at
+        ``QTSPLUS_MAX_SOURCE_FRAMES``) and the sampling plan. The first value is the encoded bytes
+        as a 1-D uint8 array (a view of ``data``, no copy) carrying the plan. The metadata has the
+        keys of ``VideoLoader.create_hf_metadata``; vLLM hashes it with the bytes, so the same video
+        sampled differently is a different cache entry.
         """
         sampling = sampling_from_kwargs(kwargs)
         if not data:
@@ -157,29 +174,47 @@ class QTSplusVideoLoader(VideoLoader):
         }
         return EncodedVideo(data, plan), metadata
 
+    @classmethod
+    def load_bytes(
+        cls, data: bytes, /, num_frames: int = -1, **kwargs: Any
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        """Video file bytes -> (an :class:`~qtsplus_vllm.streaming.EncodedVideo`, metadata).
+
+        :meth:`probe`, then, with ``QTSPLUS_PREPARE_IN_LOADER`` on (the default), the planned
+        frames are decoded and resized to the server's default preprocessing here, in the media
+        thread, and attached to the item (``EncodedVideo.prepared``, uint8, at most 588 B per ViT
+        patch); vLLM still sees and hashes the encoded bytes only. Skipped when the ViT-feature
+        cache already holds the video (a follow-up question decodes nothing). ``num_frames`` is
+        accepted and ignored.
+        """
+        encoded, metadata = cls.probe(data, kwargs)
+        if prepare_in_loader():
+            video = LazyVideo(encoded)
+            prepared = _decoding(video, lambda: prepare_video(video))
+            if prepared is not None:
+                encoded.plan, encoded.prepared = video.plan, prepared
+                _final_plan(metadata, video)
+        return encoded, metadata
+
 
 class QTSplusFramesVideoLoader(QTSplusVideoLoader):
     """The same checks, limits and frames as ``"qtsplus"``, returned decoded: uint8 [T, H, W, 3].
 
     For models whose processor expects frames — a stock Qwen2.5-VL baseline served on the same
     frames as QTSplus (``--media-io-kwargs '{"video": {"video_backend": "qtsplus_frames"}}'``,
-    ``qtsplus_vllm.convert``). QTSplus models use ``"qtsplus"``, which leaves decoding to the
-    processor's bounded stream; this one holds every kept frame at the decode size.
+    ``qtsplus_vllm.convert``). QTSplus models use ``"qtsplus"``, whose items are the encoded bytes
+    with the frames resized for the ViT; this one holds every kept frame at the decode size.
     """
 
     @classmethod
     def load_bytes(
         cls, data: bytes, /, num_frames: int = -1, **kwargs: Any
     ) -> tuple[np.ndarray, dict[str, Any]]:
-        encoded, metadata = super().load_bytes(data, num_frames, **kwargs)
+        encoded, metadata = cls.probe(data, kwargs)
         video = LazyVideo(encoded)
-        frames = video.to_array()  # a count found wrong while decoding re-plans: report the final plan
-        metadata.update(
-            total_num_frames=video.plan.total_frames,
-            duration=video.plan.total_frames / video.plan.source_fps,
-            frames_indices=[int(i) for i in video.plan.frame_indices],
-            video_backend=FRAMES_LOADER_NAME,
-        )
+        frames = _decoding(video, video.to_array)
+        _final_plan(metadata, video)
+        metadata["video_backend"] = FRAMES_LOADER_NAME
         return frames, metadata
 
 
