@@ -39,7 +39,7 @@ import torch
 from .checkpoint import CheckpointReader, load_config, validate_checkpoint
 from .config import SELECTOR_PREFIX
 from .feature_cache import CachedFeatures, FeatureCache, frames_digest
-from .limits import SelectionUnavailable
+from .limits import SelectionUnavailable, server_limits
 from .options import SelectionOptions
 from .selector import QTSplusSelector
 from .streaming import (
@@ -568,8 +568,6 @@ def prepare_video(video: LazyVideo, preprocess: PreprocessConfig | None = None) 
     failure, and when the resize runs out of memory (the processor then streams the video, with its
     own handling of that). Decode errors and limits met while decoding raise.
     """
-    from .limits import server_limits
-
     if _DEVICE_FAILURE is not None:
         return None
     preprocess = preprocess or loader_preprocess()

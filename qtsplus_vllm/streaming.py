@@ -408,7 +408,7 @@ def prepare_frames(
 ) -> PreparedFrames:
     """Decode ``video`` (a background thread) and resize its frames into one uint8 CPU tensor.
 
-    Memory: the result (T'·3·h·w bytes, bounded by the ViT-patch limit: 588 B per patch) plus the
+    Memory: the result (T'·3·h·w bytes, bounded by the ViT-patch limit: 1,176 B per patch) plus the
     stream's few decoded chunks (:func:`prepare_chunk_frames`) and one resize batch. A stream that
     holds another frame count than planned re-plans ``video`` and starts again.
     """

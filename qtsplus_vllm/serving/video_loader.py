@@ -182,7 +182,7 @@ class QTSplusVideoLoader(VideoLoader):
 
         :meth:`probe`, then, with ``QTSPLUS_PREPARE_IN_LOADER`` on (the default), the planned
         frames are decoded and resized to the server's default preprocessing here, in the media
-        thread, and attached to the item (``EncodedVideo.prepared``, uint8, at most 588 B per ViT
+        thread, and attached to the item (``EncodedVideo.prepared``, uint8, 1,176 B per ViT
         patch); vLLM still sees and hashes the encoded bytes only. Skipped when the ViT-feature
         cache already holds the video (a follow-up question decodes nothing). ``num_frames`` is
         accepted and ignored.
