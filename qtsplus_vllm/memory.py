@@ -59,6 +59,7 @@ from .streaming import (
     RESIZE_BATCH,
     RESIZE_BYTES,
     chunk_frames_for,
+    prepare_chunk_frames,
     resize_batch_for,
 )
 from .video import PreprocessConfig, VideoDecodeError, decode_size, target_size
@@ -120,16 +121,33 @@ class RequestMemory:
     chunk_frames: int
     chunk_patches: int
     device_terms: tuple[str, ...] = field(default=())
+    prepare: bool = True  # QTSPLUS_PREPARE_IN_LOADER: decoded and resized in a media thread
 
     @property
     def held_bytes(self) -> int:
         return sum(self.held.values())
 
     @property
-    def working_bytes(self) -> int:
+    def loader_bytes(self) -> int:
+        """The media thread's working set while it decodes and resizes this video (0 when the
+        processor decodes it): every video being loaded has its own, at the same time."""
         w = self.working
-        stream = w["decoded_chunks"] + w["decoder"] + max(w["resize"] + w["chunk_pixels"], w["vit"])
-        return max(stream, w["selector"])
+        return w["decoded_chunks"] + w["decoder"] + w["resize"] if self.prepare else 0
+
+    @property
+    def processor_bytes(self) -> int:
+        """The processor's working set for this video (one video at a time per API server)."""
+        w = self.working
+        if self.prepare:
+            encode = max(w["chunk_pixels"], w["vit"])
+        else:
+            encode = w["decoded_chunks"] + w["decoder"] + max(w["resize"] + w["chunk_pixels"], w["vit"])
+        return max(encode, w["selector"])
+
+    @property
+    def working_bytes(self) -> int:
+        """The larger of the two working sets (the video alone: loading ends before processing)."""
+        return max(self.loader_bytes, self.processor_bytes)
 
     @property
     def total(self) -> int:
@@ -193,6 +211,7 @@ def request_memory(
     decoder_threads: int = 3,
     source: str = "file",
     device: str = "cpu",
+    prepare: bool = True,
 ) -> RequestMemory:
     """The memory one in-flight video takes (module docstring), from its encoded size, its source
     frame size (width × height), the frames it keeps, the model and the settings.
@@ -200,6 +219,7 @@ def request_memory(
     ``selected``: n (default the most it can be, min(nmax, M)). ``decoder_threads``: FFmpeg's frame
     threads (it uses cores + 1, at most 16). ``source``: ``file``, ``http`` or ``data`` (how many
     copies of the encoded bytes vLLM holds). ``device``: where the runtime runs (``cpu`` or ``cuda``).
+    ``prepare``: ``QTSPLUS_PREPARE_IN_LOADER`` (the loader decodes and resizes; default on).
     """
     preprocess = preprocess or PreprocessConfig()
     limits = limits or Limits()
@@ -210,6 +230,7 @@ def request_memory(
     m = t // 2 * (h // f) * (w // f)
     n = min(model.nmax, m) if selected is None else selected
     c = min(chunk_frames_for(hd, wd, chunk_setting, (h // p) * (w // p)), t)
+    decoded = min(prepare_chunk_frames(hd, wd), t) if prepare else c  # frames per decoded chunk
     batch = resize_batch_for(hd, wd)
     per_pair = (h // p) * (w // p)
     chunk_patches = c // 2 * per_pair
@@ -218,8 +239,10 @@ def request_memory(
         "encoded": int(SOURCE_COPIES[source] * encoded_bytes),
         "rows": ROW_COPIES * n * model.hidden * model.dtype_bytes,
     }
+    if prepare:  # the resized uint8 frames, from the loader until the processor is done
+        held["prepared"] = t * 3 * h * w
     working = {
-        "decoded_chunks": (QUEUE_CHUNKS + 2) * c * hd * wd * 3,
+        "decoded_chunks": (QUEUE_CHUNKS + 2) * decoded * hd * wd * 3,
         "decoder": int((DECODER_REFERENCE_FRAMES + decoder_threads) * width * height * 1.5) + 2 * hd * wd * 3,
         "resize": batch * (hd * wd * 3 + hd * wd * 3 * 4 + hd * w * 3 * 4 + frame_out),
         "chunk_pixels": PIXEL_COPIES * c * frame_out,
@@ -238,14 +261,16 @@ def request_memory(
         chunk_frames=c,
         chunk_patches=chunk_patches,
         device_terms=() if device == "cpu" else ("rows",),
+        prepare=prepare,
     )
 
 
 def peak_bytes(requests: list[RequestMemory], api_servers: int = 1) -> int:
     """Peak memory over idle for these videos in flight at once on ``api_servers`` API servers: all
-    that they hold and their features, plus the largest working sets (one per API server)."""
-    held = sum(r.held_bytes + r.features for r in requests)
-    working = sorted((r.working_bytes for r in requests), reverse=True)[:api_servers]
+    that they hold, their features and their loaders' working sets (videos load in parallel), plus
+    the largest processor working sets (one per API server)."""
+    held = sum(r.held_bytes + r.features + r.loader_bytes for r in requests)
+    working = sorted((r.processor_bytes for r in requests), reverse=True)[:api_servers]
     return held + sum(working)
 
 

@@ -394,10 +394,10 @@ class PreparedFrames:
 
 
 def prepare_chunk_frames(height: int, width: int) -> int:
-    """Decoded frames per chunk while preparing: two resize batches (even), so that each of the media
+    """Decoded frames per chunk while preparing: one resize batch (even), so that each of the media
     threads decoding at once holds a few frames at the decode size, not :data:`CHUNK_BYTES`."""
     batch = resize_batch_for(height, width)
-    return max(FRAME_FACTOR, 2 * batch - (2 * batch) % FRAME_FACTOR)
+    return max(FRAME_FACTOR, batch - batch % FRAME_FACTOR)
 
 
 def prepare_frames(

@@ -53,6 +53,7 @@ from ..runtime import (
     out_of_memory,
     release_device_memory,
     report_device_failure,
+    set_loader_preprocess,
     trust_client_uuids,
 )
 from ..streaming import LazyVideo, is_encoded_video

@@ -78,28 +78,53 @@ def test_no_admitted_frame_size_exceeds_the_worst_case():
 
 
 def test_the_model_follows_the_streams_bounds():
-    """720p: 32-frame chunks (96 MiB of RGB at most), 280×504 after resizing, M = T/2 · 10 · 18."""
-    ten = request_memory(encoded_bytes=0, width=1280, height=720, kept_frames=600)
+    """Processor-side decoding (QTSPLUS_PREPARE_IN_LOADER=0), 720p: 32-frame chunks (96 MiB of RGB
+    at most), 280×504 after resizing, M = T/2 · 10 · 18."""
+    ten = request_memory(encoded_bytes=0, width=1280, height=720, kept_frames=600, prepare=False)
     assert ten.chunk_frames == 32 and ten.resized == (280, 504) and ten.visual_tokens == 54_000
     assert ten.working["decoded_chunks"] == (QUEUE_CHUNKS + 2) * 32 * 1280 * 720 * 3
+    assert "prepared" not in ten.held and ten.loader_bytes == 0
     # 1080p: fewer frames per chunk, the same bytes
-    full_hd = request_memory(encoded_bytes=0, width=1920, height=1080, kept_frames=600)
+    full_hd = request_memory(encoded_bytes=0, width=1920, height=1080, kept_frames=600, prepare=False)
     assert (
         full_hd.chunk_frames == 16 and full_hd.working["decoded_chunks"] <= (QUEUE_CHUNKS + 2) * CHUNK_BYTES
     )
     # the stream's working set does not grow with the length: only the features and the selector do
-    sixty = request_memory(encoded_bytes=0, width=1280, height=720, kept_frames=768)
+    sixty = request_memory(encoded_bytes=0, width=1280, height=720, kept_frames=768, prepare=False)
     for key in ("decoded_chunks", "decoder", "resize", "chunk_pixels", "vit"):
         assert sixty.working[key] == ten.working[key]
     assert sixty.features == ten.features * 69_120 // 54_000
+
+
+def test_the_model_follows_the_loaders_bounds():
+    """Decoding ahead in the loader (the default): the resized uint8 frames are held (T·3·h·w, 1,176 B
+    per ViT patch), the media thread decodes one resize batch per chunk, the processor has no decoder."""
+    ten = request_memory(encoded_bytes=0, width=1280, height=720, kept_frames=600)
+    assert ten.prepare and ten.held["prepared"] == 600 * 3 * 280 * 504 == 54_000 * 4 * 1176
+    assert ten.working["decoded_chunks"] == (QUEUE_CHUNKS + 2) * 8 * 1280 * 720 * 3
+    w = ten.working
+    assert ten.loader_bytes == w["decoded_chunks"] + w["decoder"] + w["resize"]
+    assert ten.processor_bytes == max(w["chunk_pixels"], w["vit"], w["selector"])
+    assert ten.working_bytes == max(ten.loader_bytes, ten.processor_bytes)
+    streamed = request_memory(encoded_bytes=0, width=1280, height=720, kept_frames=600, prepare=False)
+    assert ten.processor_bytes < streamed.processor_bytes  # no decoder next to the ViT
+    # what the loader holds grows with the kept frames, its working set does not
+    sixty = request_memory(encoded_bytes=0, width=1280, height=720, kept_frames=768)
+    assert sixty.loader_bytes == ten.loader_bytes and sixty.held["prepared"] > ten.held["prepared"]
 
 
 def test_held_and_working_parts_add_up_over_videos_in_flight():
     one = request_memory(encoded_bytes=100 * MiB, width=1280, height=720, kept_frames=600, model=QTSPLUS_7B)
     assert one.total == one.held_bytes + one.features + one.working_bytes
     four = peak_bytes([one] * 4)
-    assert four == 4 * (one.held_bytes + one.features) + one.working_bytes < 4 * one.total
-    assert peak_bytes([one] * 4, api_servers=2) == four + one.working_bytes
+    # every video loads in parallel (its own loader working set); the processor runs one at a time
+    assert four == 4 * (one.held_bytes + one.features + one.loader_bytes) + one.processor_bytes
+    assert four <= 4 * one.total
+    assert peak_bytes([one] * 4, api_servers=2) == four + one.processor_bytes
+    streamed = request_memory(
+        encoded_bytes=100 * MiB, width=1280, height=720, kept_frames=600, model=QTSPLUS_7B, prepare=False
+    )
+    assert peak_bytes([streamed] * 4) == 4 * (streamed.held_bytes + streamed.features) + streamed.working_bytes
     # a data: URL is held as base64 text too; http bodies are joined from their chunks
     data = request_memory(encoded_bytes=100 * MiB, width=1280, height=720, kept_frames=600, source="data")
     assert data.held["encoded"] > 3.6 * 100 * MiB
