@@ -29,6 +29,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from dataclasses import astuple, dataclass, field
 from pathlib import Path
@@ -218,7 +219,7 @@ def check_server_settings(model: str | None = None) -> None:
     feature_cache_settings()
     trust_client_uuids()
     runtime_retry_seconds()
-    prepare_in_loader()
+    prepare_mode()
     from .serving.deployment import selection_devices
 
     selection_devices()  # QTSPLUS_DEVICE: one device, or a list by API-server rank
@@ -518,24 +519,56 @@ class SelectionRuntime:
 # -- decoding ahead, in the media loader -----------------------------------------------------------
 
 PREPARE_ENV = "QTSPLUS_PREPARE_IN_LOADER"
+PREPARE_MODES = ("auto", "1", "0")
 _LOADER_PREPROCESS: PreprocessConfig | None = None
+_IN_FLIGHT = 0  # videos our loader returned that are still alive (loading, queued or being encoded)
+_IN_FLIGHT_LOCK = threading.Lock()
 
 
-def prepare_in_loader() -> bool:
-    """``QTSPLUS_PREPARE_IN_LOADER`` (default 1): decode and resize videos in vLLM's media threads.
+def prepare_mode() -> str:
+    """``QTSPLUS_PREPARE_IN_LOADER``: ``auto`` (default), ``1`` or ``0`` — where a video is decoded.
 
-    On (the default), the loader decodes and resizes each video as soon as it is fetched, in vLLM's
-    media thread pool, where the videos of concurrent requests are decoded in parallel; the
-    processor (one thread per API server) then runs only the ViT and the selector. Off, the loader
-    only plans the video and the processor decodes it as a stream next to the ViT (less memory per
-    waiting request, no parallel decoding).
+    ``1``: the loader decodes and resizes each video as soon as it is fetched, in vLLM's media
+    thread pool, where the videos of concurrent requests are decoded in parallel; the processor
+    (one thread per API server) then runs only the ViT and the selector. ``0``: the loader only
+    plans the video and the processor decodes it as a stream next to the ViT — one video at a time
+    per API server, but decoding overlaps the ViT and nothing waits decoded. ``auto``: ``1`` while
+    another video is in flight on this API server (throughput under load), ``0`` for a video alone
+    (its latency).
     """
     raw = os.environ.get(PREPARE_ENV, "").strip().lower()
-    if raw in ("", "1", "true", "yes", "on"):
-        return True
-    if raw in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"{PREPARE_ENV} must be 0 or 1, got {raw!r}")
+    aliases = {"": "auto", "auto": "auto", "1": "1", "true": "1", "on": "1", "0": "0", "false": "0", "off": "0"}
+    if raw not in aliases:
+        raise ValueError(f"{PREPARE_ENV} must be auto, 1 or 0, got {raw!r}")
+    return aliases[raw]
+
+
+def track_video(video: object) -> int:
+    """Count ``video`` (our loader's item) as in flight until it is garbage; the number of other
+    videos in flight before it."""
+    global _IN_FLIGHT
+    with _IN_FLIGHT_LOCK:
+        others = _IN_FLIGHT
+        _IN_FLIGHT += 1
+    weakref.finalize(video, _video_done)
+    return others
+
+
+def _video_done() -> None:
+    global _IN_FLIGHT
+    with _IN_FLIGHT_LOCK:
+        _IN_FLIGHT -= 1
+
+
+def videos_in_flight() -> int:
+    with _IN_FLIGHT_LOCK:
+        return _IN_FLIGHT
+
+
+def should_prepare(others_in_flight: int) -> bool:
+    """Whether the loader decodes a video ahead, given the other videos in flight (:func:`prepare_mode`)."""
+    mode = prepare_mode()
+    return mode == "1" or (mode == "auto" and others_in_flight > 0)
 
 
 def set_loader_preprocess(config: PreprocessConfig) -> None:

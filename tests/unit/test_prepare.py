@@ -21,7 +21,7 @@ import qtsplus_vllm.runtime as runtime_module
 import qtsplus_vllm.streaming as streaming
 from qtsplus_vllm.limits import Limits
 from qtsplus_vllm.options import SelectionOptions
-from qtsplus_vllm.runtime import SelectionRuntime, get_runtime, prepare_in_loader, prepare_video
+from qtsplus_vllm.runtime import SelectionRuntime, get_runtime, prepare_video
 from qtsplus_vllm.streaming import EncodedVideo, LazyVideo, prepare_frames, prepared_vision_inputs
 from qtsplus_vllm.testing import write_tiny_checkpoint
 from qtsplus_vllm.testing.videos import make_video_bytes
@@ -170,10 +170,12 @@ def test_vllm_still_sees_and_hashes_the_encoded_bytes_only(videos):
 
 
 @pytest.fixture
-def loader():
+def loader(monkeypatch):
+    """Our loader, told to decode ahead always (``auto`` has its own test)."""
     from qtsplus_vllm.serving.video_loader import QTSplusVideoLoader, register_video_loader
 
     register_video_loader()
+    monkeypatch.setenv("QTSPLUS_PREPARE_IN_LOADER", "1")
     return QTSplusVideoLoader
 
 
@@ -187,15 +189,36 @@ def no_runtimes():
     runtime_module._RUNTIMES.update(saved)
 
 
-def test_the_loader_decodes_ahead_by_default_and_not_when_told(loader, videos, monkeypatch, no_runtimes):
+def test_the_loader_decodes_ahead_while_another_video_is_in_flight(loader, videos, monkeypatch, no_runtimes):
+    """``auto`` (the default): a video alone is left to the processor's stream (decoding overlaps
+    the ViT); while another video is in flight — being loaded, waiting or being encoded — the
+    loader decodes ahead, in parallel with the others. ``1`` always, ``0`` never."""
+    import gc
+
     data, _, _ = videos["160x90-61f"]
-    monkeypatch.delenv("QTSPLUS_PREPARE_IN_LOADER", raising=False)
-    assert prepare_in_loader()
-    encoded, metadata = loader.load_bytes(data, num_frames=32, fps=4.0)
-    assert encoded.prepared is not None and encoded.prepared.matches(LazyVideo(encoded), PreprocessConfig())
-    assert metadata["frames_indices"] == list(encoded.plan.frame_indices)
+    monkeypatch.delenv("QTSPLUS_PREPARE_IN_LOADER")
+    assert runtime_module.prepare_mode() == "auto"
+    gc.collect()
+    base = runtime_module.videos_in_flight()
+    alone, metadata = loader.load_bytes(data, num_frames=32, fps=4.0)
+    assert alone.prepared is None and runtime_module.videos_in_flight() == base + 1
+    assert metadata["frames_indices"] == list(alone.plan.frame_indices)
+    second, _ = loader.load_bytes(data, num_frames=32, fps=4.0)  # the first is still in flight
+    assert second.prepared is not None and second.prepared.matches(LazyVideo(second), PreprocessConfig())
+    view = second[:]  # vLLM may hold a view: the video stays in flight while it lives
+    del alone, second
+    gc.collect()
+    assert runtime_module.videos_in_flight() == base + 1
+    del view
+    gc.collect()
+    assert runtime_module.videos_in_flight() == base
+    assert loader.load_bytes(data, num_frames=32, fps=4.0)[0].prepared is None  # alone again
+    monkeypatch.setenv("QTSPLUS_PREPARE_IN_LOADER", "1")
+    assert loader.load_bytes(data, num_frames=32, fps=4.0)[0].prepared is not None
+    held = loader.load_bytes(data, num_frames=32, fps=4.0)[0]
     monkeypatch.setenv("QTSPLUS_PREPARE_IN_LOADER", "0")
     assert loader.load_bytes(data, num_frames=32, fps=4.0)[0].prepared is None
+    del held
     monkeypatch.setenv("QTSPLUS_PREPARE_IN_LOADER", "maybe")
     with pytest.raises(ValueError, match="QTSPLUS_PREPARE_IN_LOADER"):
         runtime_module.check_server_settings()
@@ -219,13 +242,13 @@ def test_a_follow_up_question_is_not_decoded_by_the_loader(loader, model, videos
     def no_decoding(*args, **kwargs):
         raise AssertionError("a follow-up question was decoded")
 
-    monkeypatch.setattr(streaming, "iter_sampled_frames", no_decoding)
-    again, _ = loader.load_bytes(data, num_frames=32, fps=4.0)
-    assert again.prepared is None
-    follow_up = runtime.select(LazyVideo(again), [7, 8], SelectionOptions())
-    assert follow_up.cache_hit and follow_up.timings_ms["decode_ms"] == 0.0
+    with monkeypatch.context() as patch:
+        patch.setattr(streaming, "iter_sampled_frames", no_decoding)
+        again, _ = loader.load_bytes(data, num_frames=32, fps=4.0)
+        assert again.prepared is None
+        follow_up = runtime.select(LazyVideo(again), [7, 8], SelectionOptions())
+        assert follow_up.cache_hit and follow_up.timings_ms["decode_ms"] == 0.0
     # another sampling of the same bytes is another video: decoded ahead
-    monkeypatch.undo()
     other, _ = loader.load_bytes(data, num_frames=32, fps=2.0)
     assert other.prepared is not None
 
@@ -260,10 +283,10 @@ def test_errors_met_while_decoding_in_the_loader_are_the_requests(loader, monkey
         yield np.zeros(plan.decode_shape[1:], np.uint8)
         raise VideoDecodeError("cannot decode the video (Invalid data found when processing input)")
 
-    monkeypatch.setattr(streaming, "iter_sampled_frames", broken)
-    with pytest.raises(VideoDecodeError, match=f"cannot load the video \\({len(data)} bytes\\): cannot decode"):
-        loader.load_bytes(data, num_frames=32)
-    monkeypatch.undo()
+    with monkeypatch.context() as patch:
+        patch.setattr(streaming, "iter_sampled_frames", broken)
+        with pytest.raises(VideoDecodeError, match=f"cannot load the video \\({len(data)} bytes\\): cannot decode"):
+            loader.load_bytes(data, num_frames=32)
     # a header and packet count that understate the frames: the decoder stops at the limit (413)
     plan = probe_video(data, SamplingConfig(), Limits(max_source_frames=100))
     understated = dataclasses.replace(plan, limits=Limits(max_source_frames=20))
