@@ -537,7 +537,16 @@ def prepare_mode() -> str:
     (its latency).
     """
     raw = os.environ.get(PREPARE_ENV, "").strip().lower()
-    aliases = {"": "auto", "auto": "auto", "1": "1", "true": "1", "on": "1", "0": "0", "false": "0", "off": "0"}
+    aliases = {
+        "": "auto",
+        "auto": "auto",
+        "1": "1",
+        "true": "1",
+        "on": "1",
+        "0": "0",
+        "false": "0",
+        "off": "0",
+    }
     if raw not in aliases:
         raise ValueError(f"{PREPARE_ENV} must be auto, 1 or 0, got {raw!r}")
     return aliases[raw]

@@ -316,7 +316,9 @@ def iter_resized(
         x = x.to(device=device, non_blocking=True).permute(0, 3, 1, 2)  # [c, 3, H, W] uint8
         # RESIZE_BATCH frames at a time, made contiguous: the resize kernel then reads and writes
         # NCHW without the copies a channels-last view costs (~30 % of its time); same values
-        parts = [resize_frames_uint8(x[i : i + batch].contiguous(), size) for i in range(0, x.shape[0], batch)]
+        parts = [
+            resize_frames_uint8(x[i : i + batch].contiguous(), size) for i in range(0, x.shape[0], batch)
+        ]
         del x
         resized = torch.cat(parts) if len(parts) > 1 else parts[0]
         del parts

@@ -124,7 +124,9 @@ def test_held_and_working_parts_add_up_over_videos_in_flight():
     streamed = request_memory(
         encoded_bytes=100 * MiB, width=1280, height=720, kept_frames=600, model=QTSPLUS_7B, prepare=False
     )
-    assert peak_bytes([streamed] * 4) == 4 * (streamed.held_bytes + streamed.features) + streamed.working_bytes
+    assert (
+        peak_bytes([streamed] * 4) == 4 * (streamed.held_bytes + streamed.features) + streamed.working_bytes
+    )
     # a data: URL is held as base64 text too; http bodies are joined from their chunks
     data = request_memory(encoded_bytes=100 * MiB, width=1280, height=720, kept_frames=600, source="data")
     assert data.held["encoded"] > 3.6 * 100 * MiB

@@ -81,7 +81,9 @@ def test_prepared_frames_give_bit_identical_vit_inputs(videos, name, config):
     assert t % 2 == 0 and (h, w) == expected.resized_size
     # one byte per pixel and channel: 1,176 B per ViT patch (2 frames x 14 x 14 x 3)
     assert prepared.nbytes == expected.pixel_values.shape[0] * 2 * 14 * 14 * 3
-    assert prepared.matches(video, config) and not prepared.matches(video, dataclasses.replace(config, max_pixels=config.max_pixels + 1))
+    assert prepared.matches(video, config) and not prepared.matches(
+        video, dataclasses.replace(config, max_pixels=config.max_pixels + 1)
+    )
     assert prepared.timings_ms["decode_ms"] > 0 and prepared.timings_ms["preprocess_ms"] > 0
     for chunk in (2, 4, 32):
         parts = list(prepared_vision_inputs(prepared, config, chunk))
@@ -98,7 +100,9 @@ def test_prepared_selection_equals_the_streamed_one_and_the_processor_decodes_no
 ):
     data, sampling, limits = videos["160x90-61f"]
     options = SelectionOptions()
-    streamed = SelectionRuntime(model, torch.float32, "cpu").select(lazy(data, sampling, limits), [5, 6], options)
+    streamed = SelectionRuntime(model, torch.float32, "cpu").select(
+        lazy(data, sampling, limits), [5, 6], options
+    )
     item = prepared_item(data, sampling, limits)
 
     def no_decoding(*args, **kwargs):
@@ -285,14 +289,14 @@ def test_errors_met_while_decoding_in_the_loader_are_the_requests(loader, monkey
 
     with monkeypatch.context() as patch:
         patch.setattr(streaming, "iter_sampled_frames", broken)
-        with pytest.raises(VideoDecodeError, match=f"cannot load the video \\({len(data)} bytes\\): cannot decode"):
+        with pytest.raises(
+            VideoDecodeError, match=f"cannot load the video \\({len(data)} bytes\\): cannot decode"
+        ):
             loader.load_bytes(data, num_frames=32)
     # a header and packet count that understate the frames: the decoder stops at the limit (413)
     plan = probe_video(data, SamplingConfig(), Limits(max_source_frames=100))
     understated = dataclasses.replace(plan, limits=Limits(max_source_frames=20))
-    monkeypatch.setattr(
-        "qtsplus_vllm.serving.video_loader.probe_video", lambda *args, **kwargs: understated
-    )
+    monkeypatch.setattr("qtsplus_vllm.serving.video_loader.probe_video", lambda *args, **kwargs: understated)
     with pytest.raises(QTSplusHTTPError) as info:
         loader.load_bytes(data, num_frames=32)
     assert info.value.http_status == 413 and "QTSPLUS_MAX_SOURCE_FRAMES" in str(info.value)
