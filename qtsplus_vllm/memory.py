@@ -18,9 +18,16 @@ held for the whole request (every request in flight at once)
                   ``--mm-processor-cache-gb``) and the model runner's encoder cache.
     ``features``  the [M, D] ViT features (model dtype), allocated once per video; the ViT-feature
                   cache keeps them after the request (bounded in total by ``QTSPLUS_FEATURE_CACHE_BYTES``).
+    ``prepared``  decoded ahead in the loader (``QTSPLUS_PREPARE_IN_LOADER``; the model assumes every
+                  video is, which ``auto`` never exceeds): the resized uint8 frames, T·3·h·w, from
+                  the media thread until the processor has encoded them.
+
+the loader's working set (every video being decoded ahead, in vLLM's media threads, at once)
+    ``decoded_chunks`` of one resize batch each, the ``decoder`` and the ``resize`` batch below.
 
 working set of the video being encoded (one per API server: ``SelectionRuntime.select`` holds the
-runtime's lock from decode to selection, so the videos of one API server are encoded one at a time)
+runtime's lock from decode to selection, so the videos of one API server are encoded one at a time;
+for a video decoded ahead only ``chunk_pixels``, ``vit`` and ``selector`` apply)
     ``decoded_chunks``  (QUEUE_CHUNKS + 2) chunks of c decoded RGB frames (Hd×Wd×3), c from
                         ``chunk_frames_for`` (≤ 96 MiB per chunk);
     ``decoder``         FFmpeg's frames at the *source* size (yuv420: 1.5 B/px): 16 references plus one
@@ -37,11 +44,12 @@ runtime's lock from decode to selection, so the videos of one API server are enc
                         plus the re-encode attention over the n kept rows (CPU: SDPA with GQA takes the
                         math path, ≈ 2.5 × H×n²×4 B; CUDA: fused kernels, n-linear).
 
-The decode stages and the ViT run while the selector does not, so the working set is
-``decoded_chunks + decoder + max(resize + chunk_pixels, pixel_values + vit)`` or the selector's,
-whichever is larger, on top of the video's features. With N videos in flight on one API server:
+The decode stages and the ViT run while the selector does not, so the processor's working set is
+``decoded_chunks + decoder + max(resize + chunk_pixels, pixel_values + vit)`` (streamed) or
+``max(chunk_pixels, vit)`` (decoded ahead), or the selector's, whichever is larger, on top of the
+video's features. With N videos in flight on one API server:
 
-    peak ≤ Σ_i (held_i + features_i) + max_i working_i
+    peak ≤ Σ_i (held_i + features_i + loader_i) + max_i processor_i
 
 and per video ``request_memory(...).total`` (N = 1) bounds it: N videos take at most N times that.
 """
