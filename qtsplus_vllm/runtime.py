@@ -519,7 +519,6 @@ class SelectionRuntime:
 # -- decoding ahead, in the media loader -----------------------------------------------------------
 
 PREPARE_ENV = "QTSPLUS_PREPARE_IN_LOADER"
-PREPARE_MODES = ("auto", "1", "0")
 _LOADER_PREPROCESS: PreprocessConfig | None = None
 _IN_FLIGHT = 0  # videos our loader returned that are still alive (loading, queued or being encoded)
 _IN_FLIGHT_LOCK = threading.Lock()
