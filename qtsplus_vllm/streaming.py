@@ -89,6 +89,7 @@ class EncodedVideo(np.ndarray):
 
     plan: VideoPlan | None
     prepared: PreparedFrames | None
+    digests: dict[tuple, str]  # feature-cache keys by (plan, settings): the loader's, reused by the processor
 
     def __new__(cls, data: bytes | bytearray | memoryview | np.ndarray, plan: VideoPlan) -> EncodedVideo:
         array = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data
@@ -100,6 +101,7 @@ class EncodedVideo(np.ndarray):
     def __array_finalize__(self, obj) -> None:
         self.plan = getattr(obj, "plan", None)
         self.prepared = getattr(obj, "prepared", None)
+        self.digests = {}  # a view may hold other bytes: its keys are its own
 
     def __reduce__(self):  # the prepared frames stay in this process: a copy decodes again
         return (EncodedVideo, (self.tobytes(), self.plan))
@@ -145,7 +147,12 @@ class LazyVideo:
         return f"LazyVideo({self.nbytes_encoded} bytes, frames {list(self.shape)})"
 
     def digest(self, settings: tuple) -> str:
-        return encoded_digest(self.data, (self.plan.key(), settings))
+        """The feature-cache key of these bytes, this plan and ``settings`` (hashed once per item)."""
+        key = (self.plan.key(), settings)
+        memo = getattr(self.data, "digests", {})
+        if key not in memo:
+            memo[key] = encoded_digest(self.data, key)
+        return memo[key]
 
     def _fail(self, err: VideoDecodeError) -> VideoDecodeError:
         return VideoDecodeError(f"cannot load the video ({self.nbytes_encoded} bytes): {err}")
@@ -343,6 +350,18 @@ def normalized_inputs(
     return pixel_values.to(dtype), grid_thw
 
 
+def _timed_inputs(
+    resized: torch.Tensor, config: PreprocessConfig, dtype: torch.dtype, timings: dict[str, float]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`normalized_inputs`, its time (the device's work included) added to ``preprocess_ms``."""
+    clock = time.perf_counter()
+    pixel_values, grid_thw = normalized_inputs(resized, config, dtype)
+    if pixel_values.device.type == "cuda":
+        torch.cuda.synchronize(pixel_values.device)
+    timings["preprocess_ms"] += (time.perf_counter() - clock) * 1e3
+    return pixel_values, grid_thw
+
+
 def iter_vision_inputs(
     chunks: Iterator[np.ndarray],
     shape: tuple[int, ...],
@@ -361,13 +380,7 @@ def iter_vision_inputs(
     """
     timings = timings if timings is not None else {}
     for resized in iter_resized(chunks, shape, config, device, timings):
-        clock = time.perf_counter()
-        pixel_values, grid_thw = normalized_inputs(resized, config, dtype)
-        del resized
-        if pixel_values.device.type == "cuda":
-            torch.cuda.synchronize(pixel_values.device)
-        timings["preprocess_ms"] += (time.perf_counter() - clock) * 1e3
-        yield pixel_values, grid_thw
+        yield _timed_inputs(resized, config, dtype, timings)
 
 
 @dataclass
@@ -454,14 +467,7 @@ def prepared_vision_inputs(
         raise ValueError(f"chunk_frames must be a positive even number, got {chunk_frames}")
     frames = prepared.frames
     for start in range(0, frames.shape[0], chunk_frames):
-        clock = time.perf_counter()
-        resized = frames[start : start + chunk_frames].to(device, non_blocking=True)
-        pixel_values, grid_thw = normalized_inputs(resized, config, dtype)
-        del resized
-        if pixel_values.device.type == "cuda":
-            torch.cuda.synchronize(pixel_values.device)
-        timings["preprocess_ms"] += (time.perf_counter() - clock) * 1e3
-        yield pixel_values, grid_thw
+        yield _timed_inputs(frames[start : start + chunk_frames].to(device), config, dtype, timings)
 
 
 def frame_chunks(frames: np.ndarray, chunk_frames: int) -> Iterator[np.ndarray]:
