@@ -30,6 +30,7 @@ from .config import (
     QTSplusConfig,
     resolve_vision_config,
 )
+from .layout import check_shard_name, peft_error, peft_tensors
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -110,7 +111,12 @@ class CheckpointReader:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (ValueError, KeyError, TypeError) as err:
                 raise CheckpointError(f"{index} is not a weight index (a weight_map): {err!r}") from None
-            self._file_of = {k: self.path / f for k, f in weight_map.items()}
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index} has a weight_map that is not an object")
+            # shard names come from the (possibly downloaded) index: they must stay inside the checkpoint
+            shards = {f: self.path / check_shard_name(index, f) for f in set(weight_map.values())}
+            self._file_of = {k: shards[f] for k, f in weight_map.items()}
+            # is_file() is false for a FIFO, a device or a directory: only regular files are opened
             absent = sorted({str(f) for f in self._file_of.values() if not f.is_file()})
             if absent:
                 raise CheckpointError(f"{index} names shard files that do not exist: {absent}")
@@ -300,7 +306,13 @@ def check_shapes(expected: dict[str, list[int]], found: dict[str, list[int]], pr
 
 
 def validate_checkpoint(config: QTSplusConfig, reader: CheckpointReader) -> None:
-    """Check that the selector, vision tower and (optional) projector agree with the config."""
+    """Check that the selector, vision tower and (optional) projector agree with the config.
+
+    A LoRA state dict saved unmerged (PEFT names) is refused first, naming its tensors.
+    """
+    peft = peft_tensors(reader.shapes())
+    if peft:
+        raise peft_error(peft, f"the checkpoint {getattr(reader, 'path', '')}".rstrip())
     check_shapes(expected_selector_shapes(config), reader.shapes(SELECTOR_PREFIX), SELECTOR_PREFIX)
     vision = resolve_vision_config(config, reader.shapes(VISION_PREFIX))
     d = config.hidden_size

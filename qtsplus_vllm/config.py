@@ -72,6 +72,16 @@ class QTSplusConfig(Qwen2_5_VLTextConfig):
     pretrain_vision_model: str | None = None
     vision_config: dict | None = None
 
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        # Serve by model_type, whatever the file's "architectures" says: the reference trainer saves
+        # the name of the LM it started from ("Qwen2_5_VLTextForCausalLM"), a post-processed repo may
+        # keep either name or none. vLLM picks the model class from this attribute, so every QTSplus
+        # config names our class; the name the file gave is kept for the start-up report.
+        if getattr(self, "checkpoint_architectures", None) is None:
+            self.checkpoint_architectures = list(self.architectures) if self.architectures else []
+        self.architectures = [ARCHITECTURE]
+
     def validate_qtsplus(self) -> None:
         """Raise :class:`CheckpointError` naming every inconsistent field."""
         problems = []

@@ -40,6 +40,7 @@ import torch
 from .checkpoint import CheckpointReader, load_config, validate_checkpoint
 from .config import SELECTOR_PREFIX
 from .feature_cache import CachedFeatures, FeatureCache, frames_digest
+from .hub import EMBED_KEY, download_dir_from_argv, resolve_hub_checkpoint
 from .limits import SelectionUnavailable, server_limits
 from .options import SelectionOptions
 from .selector import QTSplusSelector
@@ -57,7 +58,6 @@ from .streaming import (
 from .video import FrameCountMismatch, PreprocessConfig, vit_patch_count
 from .vision import VisionEncoder
 
-EMBED_KEY = "model.embed_tokens.weight"
 logger = logging.getLogger(__name__)
 
 
@@ -138,43 +138,27 @@ def torch_threads(count: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-# What the selection runtime reads from a checkpoint: safetensors, or torch.save weights when a
-# repository has no safetensors (never both: that would download the weights twice).
-CHECKPOINT_PATTERNS = ["*.json", "*.safetensors", "*.jinja"]
-BIN_PATTERNS = ["*.json", "pytorch_model*.bin", "*.jinja"]
-_RESOLVED: dict[tuple[str, str | None], Path] = {}
+_RESOLVED: dict[tuple[str, str | None, str | None], Path] = {}
 _RESOLVE_LOCK = threading.Lock()
 
 
-def resolve_model_dir(model: str, revision: str | None = None) -> Path:
-    """A local directory for ``model``: the path itself, or the Hugging Face cache snapshot of a repo id.
+def resolve_model_dir(model: str, revision: str | None = None, download_dir: str | None = None) -> Path:
+    """A local directory for ``model``: the path itself, or what :mod:`qtsplus_vllm.hub` resolves for a repo id.
 
-    Resolved once per process and remembered: later calls never ask the Hub again, so a request
-    costs no network round trip and a moving ``main`` cannot swap the weights under a running
-    server. The local cache is tried first (no network: vLLM's engine has fetched this snapshot
-    for the LM before the first request arrives, and ``HF_HUB_OFFLINE=1`` works); only a snapshot
-    missing from the cache is downloaded, once.
+    Resolved once per process and remembered (the server does it at start-up, in
+    :func:`check_server_settings`): later calls never ask the Hub again, so a request costs no
+    network round trip and never downloads, and a moving ``main`` cannot swap the weights under a
+    running server. Only the shards holding the ViT, selector and embedding tensors are fetched;
+    ``download_dir`` (default: vLLM's ``--download-dir`` from the command line) is searched first, then
+    the Hugging Face cache.
     """
     if os.path.isdir(model):
         return Path(model)
-    key = (model, revision)
+    download_dir = download_dir or download_dir_from_argv()
+    key = (model, revision, download_dir)
     with _RESOLVE_LOCK:
         if key not in _RESOLVED:
-            from huggingface_hub import snapshot_download
-            from huggingface_hub.errors import LocalEntryNotFoundError
-
-            try:
-                path = snapshot_download(
-                    model, revision=revision, allow_patterns=CHECKPOINT_PATTERNS, local_files_only=True
-                )
-            except LocalEntryNotFoundError:
-                from huggingface_hub import list_repo_files
-
-                files = list_repo_files(model, revision=revision)
-                safetensors = any(name.endswith(".safetensors") for name in files)
-                patterns = CHECKPOINT_PATTERNS if safetensors else BIN_PATTERNS
-                path = snapshot_download(model, revision=revision, allow_patterns=patterns)
-            _RESOLVED[key] = Path(path)
+            _RESOLVED[key] = resolve_hub_checkpoint(model, revision, download_dir)
         return _RESOLVED[key]
 
 
@@ -205,11 +189,13 @@ def runtime_retry_seconds() -> float:
     return value
 
 
-def check_server_settings(model: str | None = None) -> None:
-    """Refuse bad ``QTSPLUS_*`` values (and a broken local checkpoint) when the server starts.
+def check_server_settings(model: str | None = None, revision: str | None = None) -> None:
+    """Refuse bad ``QTSPLUS_*`` values and a checkpoint the runtime cannot load, when the server starts.
 
     Raises ``ValueError`` naming the variable; ``CheckpointError`` for missing or misshapen ViT or
-    selector tensors of a local checkpoint directory. Reads headers only: no weights, no CUDA.
+    selector tensors, a LoRA state dict, an index naming files outside the checkpoint, or a Hub
+    checkpoint whose ViT/selector shards cannot be had (:func:`resolve_model_dir`). Reads headers
+    only: no weights, no CUDA.
     """
     from .limits import Limits
 
@@ -223,8 +209,11 @@ def check_server_settings(model: str | None = None) -> None:
     from .serving.deployment import selection_devices
 
     selection_devices()  # QTSPLUS_DEVICE: one device, or a list by API-server rank
-    if model is not None and os.path.isdir(model):
-        validate_checkpoint(load_config(model), CheckpointReader(model))
+    if model is not None:
+        # a Hub id is resolved here, once: the shards with the ViT and selector tensors are fetched
+        # now or the server does not start (no request ever downloads)
+        model_dir = resolve_model_dir(model, revision)
+        validate_checkpoint(load_config(model_dir), CheckpointReader(model_dir))
 
 
 def out_of_memory(err: BaseException) -> bool:

@@ -97,6 +97,12 @@ def check_deployment(config: Any) -> None:
 
     check_vllm_version()
     vllm_config, model_config = _vllm_and_model_config(config)
+    if getattr(model_config, "trust_remote_code", False):
+        raise DeploymentError(
+            "--trust-remote-code is not used with QTSplus checkpoints: this plugin registers their config and "
+            "model classes, so a repository's Python files (auto_map) are never needed, and with the flag "
+            "vLLM imports them. Drop --trust-remote-code."
+        )
     mm_config = getattr(model_config, "multimodal_config", None)
     if mm_config is None:
         return

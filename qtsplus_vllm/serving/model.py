@@ -25,6 +25,7 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from ..checkpoint import validate_checkpoint
 from ..config import PROJECTOR_KEY, VISION_PREFIX
+from ..layout import peft_error, peft_tensors
 from .processor import (
     PASSTHROUGH_FIELDS,
     PLACEHOLDERS,
@@ -84,6 +85,7 @@ class QTSplusQwen2_5_VLForCausalLM(nn.Module, SupportsMultiModal, SupportsMRoPE,
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
         self.config = vllm_config.model_config.hf_config
+        self.model_path = vllm_config.model_config.model
         with self._mark_language_model(vllm_config):
             self.language_model = init_vllm_registered_model(
                 vllm_config=vllm_config,
@@ -135,6 +137,8 @@ class QTSplusQwen2_5_VLForCausalLM(nn.Module, SupportsMultiModal, SupportsMRoPE,
 
         def lm_weights():
             for name, weight in weights:
+                if peft_tensors([name]):  # before vLLM's loader stops on a name it does not know
+                    raise peft_error([name], f"the checkpoint {self.model_path}")
                 if name.startswith(_PROCESSOR_ONLY):
                     processor_only.all[name] = list(weight.shape)
                 else:

@@ -61,6 +61,8 @@ from ..video import VideoDecodeError, vit_patch_count
 from .errors import as_http_error
 from .health import install_health_check
 from .metrics import observe_selection
+from .startup import report_startup
+from .video_loader import bind_video_loader, check_video_source
 
 # Under vLLM's logger tree, so the line shows with vLLM's own log configuration.
 logger = logging.getLogger("vllm.qtsplus")
@@ -240,9 +242,13 @@ class QTSplusMultiModalProcessor(BaseMultiModalProcessor[QTSplusProcessingInfo])
         # Server settings are checked when the server starts, not per request: the defaults given as
         # --mm-processor-kwargs, every QTSPLUS_* variable and, for a local checkpoint, its ViT and
         # selector tensors (a Hub checkpoint is checked by the engine when it loads the weights).
+        model_config = info.ctx.model_config
         defaults = parse_options(info.ctx.get_mm_config().mm_processor_kwargs or {})
-        check_server_settings(info.ctx.model_config.model)
+        check_server_settings(model_config.model, model_config.revision)
         set_loader_preprocess(defaults.preprocess_config())  # what the media loader resizes to
+        # every video through our loader and sampling rules, whatever the checkpoint's files name
+        loader = bind_video_loader(info.ctx.get_mm_config())
+        report_startup(model_config, defaults, loader)
         install_health_check()
 
     def apply(self, inputs: ProcessorInputs, timing_ctx):
@@ -290,7 +296,14 @@ class QTSplusMultiModalProcessor(BaseMultiModalProcessor[QTSplusProcessingInfo])
                 runtime = self._runtime()
                 rows = []
                 for i in range(len(items)):
-                    frames = _as_frames(items.get(i), modality)
+                    video = items.get(i)
+                    if modality == "video" and not is_encoded_video(video):
+                        metadata = items.metadata[i] if isinstance(items.metadata, list) else items.metadata
+                        try:
+                            check_video_source(metadata)
+                        except ValueError as err:
+                            raise as_http_error(RequestError(str(err))) from None
+                    frames = _as_frames(video, modality)
                     result = _select(runtime, frames, list(question_ids), options)
                     rows.append(result.embeds)
                     _report(modality, result, runtime.feature_cache.stats())

@@ -219,6 +219,68 @@ class QTSplusFramesVideoLoader(QTSplusVideoLoader):
         return frames, metadata
 
 
+# Loaders whose frames follow our sampling rules: ours, and the same frames decoded (stock baselines)
+OUR_BACKENDS = (LOADER_NAME, FRAMES_LOADER_NAME)
+# vLLM's metadata for frames a client sent itself (a data:video/jpeg list): sampled by the client
+CLIENT_FRAMES_BACKEND = "jpeg_sequence"
+
+
+class LoaderBindingError(ValueError):
+    """The server's settings would decode a QTSplus model's videos with another loader (start-up)."""
+
+
+def bind_video_loader(mm_config) -> str:
+    """Make every video of a QTSplus server go through :class:`QTSplusVideoLoader`; return its name.
+
+    vLLM picks a video loader per request: ``media_io_kwargs["video"]["video_backend"]`` first, then
+    the loader bound to the video processor the checkpoint's files name
+    (``video_preprocessor_config.json``'s ``video_processor_type``: the reference trainer's files say
+    ``Qwen2VLVideoProcessor``, bound to vLLM's ``qwen2_vl`` loader, which samples at 2 fps with
+    other limits), then ``VLLM_VIDEO_LOADER_BACKEND``. Setting the server-wide ``video_backend`` here
+    (``mm_config.media_io_kwargs``, read by vLLM for every request) makes the first rule name ours,
+    whatever the checkpoint's files say. A server configured with another loader
+    (``--media-io-kwargs '{"video": {"video_backend": ...}}'``) is refused: its frames would not be
+    the ones the model was trained on. A request that names another loader (only possible with
+    ``--trust-request-mm-kwargs``) is refused by the processor (:func:`check_video_source`).
+    """
+    if VIDEO_LOADER_REGISTRY.load(LOADER_NAME) is not QTSplusVideoLoader:
+        raise LoaderBindingError(
+            f"vLLM's video loader registry maps {LOADER_NAME!r} to "
+            f"{VIDEO_LOADER_REGISTRY.load(LOADER_NAME)!r}, not QTSplusVideoLoader: another plugin replaced it"
+        )
+    media = mm_config.media_io_kwargs
+    if media is None:
+        media = mm_config.media_io_kwargs = {}
+    video = dict(media.get("video") or {})
+    backend = video.get("video_backend")
+    if backend not in (None, LOADER_NAME):
+        raise LoaderBindingError(
+            f"--media-io-kwargs sets video_backend={backend!r}: QTSplus models decode videos with the "
+            f"{LOADER_NAME!r} loader, which samples frames by the rules the model was trained with "
+            "(qwen-vl-utils: fps, min_frames, max_frames). Drop video_backend; set fps / max_frames there instead"
+        )
+    video["video_backend"] = LOADER_NAME
+    media["video"] = video
+    return LOADER_NAME
+
+
+def check_video_source(metadata: object) -> None:
+    """Refuse decoded video frames that another vLLM loader sampled (HTTP 400 via the caller).
+
+    Frames reach the processor decoded when a request named another ``video_backend`` (with
+    ``--trust-request-mm-kwargs``), when a client sent its own frames (``data:video/jpeg``: the
+    client sampled them, accepted), or from offline use without metadata (accepted).
+    """
+    backend = metadata.get("video_backend") if isinstance(metadata, Mapping) else None
+    if backend is None or backend in OUR_BACKENDS or backend == CLIENT_FRAMES_BACKEND:
+        return
+    raise ValueError(
+        f"this video was decoded by vLLM's {backend!r} video loader, not {LOADER_NAME!r}: its frames are not "
+        "sampled the way the QTSplus model was trained; remove video_backend from the request's "
+        "media_io_kwargs (use fps / max_frames to change the sampling)"
+    )
+
+
 def register_video_loader() -> None:
     """Register :class:`QTSplusVideoLoader` as ``"qtsplus"`` and make it our model's default.
 

@@ -12,6 +12,8 @@ The weights can also be written as the reference trainer's ``torch.save`` pickle
 ``weight_format="bin"``.
 
     python -m qtsplus_vllm.testing.tiny_checkpoint OUT_DIR [--seed 0] [--sharded] [--tied] [--weight-format bin]
+        [--layout ours|trainer|trainer-safetensors|published] [--architecture NAME|none]
+        [--video-processor-type NAME|none] [--lora]
 """
 
 from __future__ import annotations
@@ -48,6 +50,13 @@ from ..config import (
     QTSplusConfig,
 )
 from ..selector import QTSplusSelector
+from .layouts import IMPORTED_SENTINEL, LAYOUTS, UNPICKLED_SENTINEL, write_layout
+
+# Files a layout may add, removed before any write so that a rewrite leaves no file of another layout
+LAYOUT_FILES = (
+    "training_args.bin", "video_preprocessor_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "merges.txt", UNPICKLED_SENTINEL, IMPORTED_SENTINEL,
+)  # fmt: skip
 
 # Qwen2.5-VL's added tokens in their real order (ids follow the BPE vocabulary here, not 151643+).
 # As in Qwen's tokenizer_config.json, the tool-call / fill-in-the-middle tokens are added but not
@@ -324,6 +333,10 @@ def write_tiny_checkpoint(
     reencode: bool = True,
     with_projector: bool = False,
     weight_format: str = "safetensors",
+    layout: str = "ours",
+    architecture: str = "",
+    video_processor_type: str = "",
+    lora: bool = False,
 ) -> Path:
     """Write a random-weight QTSplus checkpoint directory (released format) and return its path.
 
@@ -339,6 +352,15 @@ def write_tiny_checkpoint(
     2560, so tiny servers profile quickly and the cap can bind in tests. ``weight_format`` ``"bin"``
     writes ``torch.save`` pickles (``pytorch_model.bin`` / ``pytorch_model-*.bin`` + index) instead of
     safetensors, as the reference trainer does.
+
+    ``layout`` writes the files of another producer (:mod:`qtsplus_vllm.testing.layouts`): ``"trainer"``
+    (the reference trainer's output, file for file; ``sharded`` and ``weight_format`` do not apply),
+    ``"trainer-safetensors"`` (the same after the reference demo's conversion) or ``"published"`` (a
+    remote-code Hub repository: sharded safetensors, ``auto_map`` and ``*.py`` files).
+    ``architecture``: the name config.json gives ("" = the layout's, ``"none"`` = no
+    ``architectures`` key); ``video_processor_type``: the name ``video_preprocessor_config.json``
+    gives ("" = the layout's: none for ``ours``, ``Qwen2VLVideoProcessor`` for the others; ``"none"``
+    = no such file); ``lora``: a trainer's PEFT state dict with unmerged LoRA adapters.
     Raises ValueError / CheckpointError for inconsistent sizes, before writing anything.
     """
     out_hidden = hidden if vision_out_hidden is None else vision_out_hidden
@@ -352,6 +374,12 @@ def write_tiny_checkpoint(
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype}")
     if weight_format not in WEIGHT_FORMATS:
         raise ValueError(f"weight_format must be one of {WEIGHT_FORMATS}, got {weight_format!r}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if lora and not layout.startswith("trainer"):
+        raise ValueError(
+            "lora is what the reference trainer writes: use layout 'trainer' or 'trainer-safetensors'"
+        )
     vision = vision_hyperparams(vision_depth, vision_hidden, vision_intermediate, vision_heads, out_hidden)
     tok = build_tokenizer()
     ids = added_token_ids(tok)
@@ -392,9 +420,10 @@ def write_tiny_checkpoint(
     # Weights left by an earlier write with another layout or format would be read instead of (index,
     # safetensors over bin) or next to (vLLM globs *.safetensors) the new ones. Unlinking also gives the
     # new files new inodes: a reader still mapping an old file keeps its (unchanged) pages.
-    for stale in weight_files(out):
+    for stale in [*weight_files(out), *(out / name for name in LAYOUT_FILES), *out.glob("*.py")]:
         stale.unlink(missing_ok=True)
-    save_weights(out, tensors, sharded, weight_format=weight_format)
+    if layout == "ours":
+        save_weights(out, tensors, sharded, weight_format=weight_format)
     _write_json(out / "config.json", config_dict)
     write_tokenizer(out, tok, max_len=config_dict["max_position_embeddings"])
     _write_json(out / "preprocessor_config.json", PREPROCESSOR_CONFIG)
@@ -403,6 +432,13 @@ def write_tiny_checkpoint(
         out / "generation_config.json",
         {"bos_token_id": eot, "do_sample": False, "eos_token_id": [im_end, eot], "pad_token_id": eot},
     )
+    if layout != "ours" or architecture or video_processor_type:
+        write_layout(
+            out, layout, tensors=tensors, config=config_dict, tok=tok, ids=ids,
+            preprocessor=PREPROCESSOR_CONFIG, layers=layers, tied=tied, seed=seed,
+            architecture=architecture, video_processor_type=video_processor_type, lora=lora,
+            save_weights=save_weights,
+        )  # fmt: skip
     return out
 
 
@@ -422,6 +458,10 @@ def main(argv: list[str] | None = None) -> int:
             parser.add_argument(flag, choices=sorted(DTYPES), default="float32")
         elif name == "weight_format":
             parser.add_argument(flag, choices=WEIGHT_FORMATS, default=default)
+        elif name == "layout":
+            parser.add_argument(flag, choices=LAYOUTS, default=default)
+        elif isinstance(default, str):
+            parser.add_argument(flag, default=default, help="'' = the layout's own; 'none' = leave it out")
         elif default is True:
             parser.add_argument("--no-" + flag[2:], dest=name, action="store_false")
         elif default is False:

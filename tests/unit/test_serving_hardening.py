@@ -120,7 +120,17 @@ def test_bad_settings_are_refused_at_start_up(monkeypatch, model, variable, valu
 
 def test_good_settings_and_checkpoint_pass(model):
     check_server_settings(str(model))
-    check_server_settings("AlpachinoNLP/QTSplus-7B")  # a Hub id: checked by the engine, no I/O here
+
+
+def test_a_hub_id_that_cannot_be_resolved_stops_the_start_up(monkeypatch, tmp_path):
+    """A Hub id is resolved when the server starts (issue 18): no snapshot and offline is a start-up error."""
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(runtime_module, "_RESOLVED", {})
+    with pytest.raises(CheckpointError, match="AlpachinoNLP/QTSplus-7B.*HF_HUB_OFFLINE"):
+        check_server_settings("AlpachinoNLP/QTSplus-7B")
 
 
 def _break(model: Path, tmp_path: Path, edit) -> Path:
