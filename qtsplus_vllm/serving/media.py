@@ -83,6 +83,7 @@ from ..limits import LimitExceeded, RequestError, server_limits
 from ..video import decode_size
 from . import compat
 from .errors import QTSplusHTTPError, as_http_error
+from .video_loader import check_video_loader
 
 CONNECTOR_NAME = "qtsplus"
 
@@ -438,6 +439,7 @@ def with_limits(media_io: Any) -> LimitedVideoMediaIO | None:
     """
     if not isinstance(media_io, VideoMediaIO):
         return None
+    check_video_loader(getattr(media_io, "video_loader", None))  # a QTSplus server: our loader only
     if type(media_io) is VideoMediaIO:
         media_io.__class__ = LimitedVideoMediaIO
     if type(getattr(media_io, "image_io", None)) is ImageMediaIO:

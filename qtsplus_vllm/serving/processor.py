@@ -62,7 +62,7 @@ from .errors import as_http_error
 from .health import install_health_check
 from .metrics import observe_selection
 from .startup import report_startup
-from .video_loader import bind_video_loader, check_video_source
+from .video_loader import bind_video_loader
 
 # Under vLLM's logger tree, so the line shows with vLLM's own log configuration.
 logger = logging.getLogger("vllm.qtsplus")
@@ -296,14 +296,7 @@ class QTSplusMultiModalProcessor(BaseMultiModalProcessor[QTSplusProcessingInfo])
                 runtime = self._runtime()
                 rows = []
                 for i in range(len(items)):
-                    video = items.get(i)
-                    if modality == "video" and not is_encoded_video(video):
-                        metadata = items.metadata[i] if isinstance(items.metadata, list) else items.metadata
-                        try:
-                            check_video_source(metadata)
-                        except ValueError as err:
-                            raise as_http_error(RequestError(str(err))) from None
-                    frames = _as_frames(video, modality)
+                    frames = _as_frames(items.get(i), modality)
                     result = _select(runtime, frames, list(question_ids), options)
                     rows.append(result.embeds)
                     _report(modality, result, runtime.feature_cache.stats())

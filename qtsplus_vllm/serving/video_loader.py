@@ -18,9 +18,15 @@ Selection, in vLLM's order (media/connector.py ``fetch_video`` then ``VideoMedia
 1. ``media_io_kwargs["video"]["video_backend"]`` (server ``--media-io-kwargs`` or, with
    ``--trust-request-mm-kwargs``, the request);
 2. the loader bound to the model's video processor name: :func:`register_video_loader` binds
-   ``"qtsplus"`` to ``QTSplusVideoProcessor`` and maps our model_type to that name, so a plain
-   ``vllm serve <QTSplus checkpoint>`` uses this loader;
+   ``"qtsplus"`` to ``QTSplusVideoProcessor`` and maps our model_type to that name, for checkpoints
+   whose files name no ``video_processor_type``;
 3. only then ``VLLM_VIDEO_LOADER_BACKEND`` (default ``"opencv"``).
+
+A checkpoint's files may name another video processor (the reference trainer's say
+``Qwen2VLVideoProcessor``, which rule 2 binds to vLLM's ``qwen2_vl`` loader), so rule 2 alone is not
+enough: :func:`bind_video_loader` sets rule 1 server-wide when the QTSplus processor is built, a server
+configured with another ``video_backend`` does not start, and a request naming one gets 400
+(:func:`check_video_loader`).
 
 ``media_io_kwargs["video"]`` keys (server ``--media-io-kwargs '{"video": {"fps": 2, "max_frames": 64}}'``,
 request values win key by key):
@@ -56,7 +62,7 @@ import numpy as np
 from vllm.multimodal.video import VIDEO_LOADER_REGISTRY, VideoLoader
 
 from ..config import MODEL_TYPE
-from ..limits import LimitExceeded, server_limits
+from ..limits import LimitExceeded, RequestError, server_limits
 from ..runtime import prepare_video, should_prepare, track_video
 from ..streaming import EncodedVideo, LazyVideo
 from ..video import SamplingConfig, VideoDecodeError, probe_video
@@ -219,10 +225,7 @@ class QTSplusFramesVideoLoader(QTSplusVideoLoader):
         return frames, metadata
 
 
-# Loaders whose frames follow our sampling rules: ours, and the same frames decoded (stock baselines)
-OUR_BACKENDS = (LOADER_NAME, FRAMES_LOADER_NAME)
-# vLLM's metadata for frames a client sent itself (a data:video/jpeg list): sampled by the client
-CLIENT_FRAMES_BACKEND = "jpeg_sequence"
+_BOUND = False  # set in a process whose QTSplus processor bound our loader (bind_video_loader)
 
 
 class LoaderBindingError(ValueError):
@@ -241,12 +244,14 @@ def bind_video_loader(mm_config) -> str:
     whatever the checkpoint's files say. A server configured with another loader
     (``--media-io-kwargs '{"video": {"video_backend": ...}}'``) is refused: its frames would not be
     the ones the model was trained on. A request that names another loader (only possible with
-    ``--trust-request-mm-kwargs``) is refused by the processor (:func:`check_video_source`).
+    ``--trust-request-mm-kwargs``) is refused when its video is fetched (:func:`check_video_loader`).
     """
-    if VIDEO_LOADER_REGISTRY.load(LOADER_NAME) is not QTSplusVideoLoader:
+    global _BOUND
+    bound = VIDEO_LOADER_REGISTRY.load(LOADER_NAME)  # an instance of the registered class
+    if not (bound is QTSplusVideoLoader or type(bound) is QTSplusVideoLoader):
         raise LoaderBindingError(
-            f"vLLM's video loader registry maps {LOADER_NAME!r} to "
-            f"{VIDEO_LOADER_REGISTRY.load(LOADER_NAME)!r}, not QTSplusVideoLoader: another plugin replaced it"
+            f"vLLM's video loader registry maps {LOADER_NAME!r} to {type(bound).__name__}, not "
+            "QTSplusVideoLoader: another plugin replaced it"
         )
     media = mm_config.media_io_kwargs
     if media is None:
@@ -261,23 +266,28 @@ def bind_video_loader(mm_config) -> str:
         )
     video["video_backend"] = LOADER_NAME
     media["video"] = video
+    _BOUND = True
     return LOADER_NAME
 
 
-def check_video_source(metadata: object) -> None:
-    """Refuse decoded video frames that another vLLM loader sampled (HTTP 400 via the caller).
+def check_video_loader(loader: object) -> None:
+    """Refuse (HTTP 400) a video fetch that would use another loader on a QTSplus server.
 
-    Frames reach the processor decoded when a request named another ``video_backend`` (with
-    ``--trust-request-mm-kwargs``), when a client sent its own frames (``data:video/jpeg``: the
-    client sampled them, accepted), or from offline use without metadata (accepted).
+    Called with the loader vLLM chose for a fetch (``VideoMediaIO.video_loader``). Only a request can
+    name another one, through ``media_io_kwargs`` (with ``--trust-request-mm-kwargs``): its frames
+    would be sampled by other rules and answered with HTTP 200. Frames a client sends itself
+    (``data:video/jpeg``) never reach a loader and stay accepted. A server that serves no QTSplus model
+    (a stock baseline using ``qtsplus_frames``) never bound our loader: nothing is checked there.
     """
-    backend = metadata.get("video_backend") if isinstance(metadata, Mapping) else None
-    if backend is None or backend in OUR_BACKENDS or backend == CLIENT_FRAMES_BACKEND:
+    if not _BOUND or isinstance(loader, QTSplusVideoLoader) or loader is None:
         return
-    raise ValueError(
-        f"this video was decoded by vLLM's {backend!r} video loader, not {LOADER_NAME!r}: its frames are not "
-        "sampled the way the QTSplus model was trained; remove video_backend from the request's "
-        "media_io_kwargs (use fps / max_frames to change the sampling)"
+    name = getattr(type(loader), "__name__", type(loader))
+    raise as_http_error(
+        RequestError(
+            f"media_io_kwargs['video']['video_backend'] chose vLLM's {name} video loader: QTSplus models "
+            f"decode videos with {LOADER_NAME!r}, whose frames are sampled the way the model was trained; "
+            "remove video_backend from the request (use fps / max_frames to change the sampling)"
+        )
     )
 
 
@@ -289,8 +299,8 @@ def register_video_loader() -> None:
     """
     VIDEO_LOADER_REGISTRY.register(LOADER_NAME, video_processor=VIDEO_PROCESSOR_NAME)(QTSplusVideoLoader)
     VIDEO_LOADER_REGISTRY.register(FRAMES_LOADER_NAME)(QTSplusFramesVideoLoader)
-    # Released checkpoints name no video_processor_type, so vLLM falls back to this mapping by
-    # model_type. Only vLLM's loader selection reads it by key: transformers' own lookups go
+    # For checkpoints that name no video_processor_type, vLLM falls back to this mapping by
+    # model_type (those that name one are covered by bind_video_loader). Only vLLM's loader selection reads it by key: transformers' own lookups go
     # through VIDEO_PROCESSOR_MAPPING, which skips model types absent from CONFIG_MAPPING_NAMES
     # (ours is registered at runtime), so nothing tries to import the class.
     from transformers.models.auto.video_processing_auto import VIDEO_PROCESSOR_MAPPING_NAMES

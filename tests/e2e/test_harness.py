@@ -27,9 +27,7 @@ from qtsplus_vllm.testing.server import (
 )
 from qtsplus_vllm.testing.tiny_checkpoint import added_token_ids, build_tokenizer, write_tokenizer
 
-openai = pytest.importorskip(
-    "openai", reason="the openai client is not installed (pip install '.[dev]')"
-)
+openai = pytest.importorskip("openai", reason="the openai client is not installed (pip install '.[dev]')")
 
 MODEL_NAME = "tiny-qwen2"
 MAX_MODEL_LEN = 512

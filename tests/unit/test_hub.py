@@ -78,7 +78,9 @@ def _online(monkeypatch, remote: Path, default_cache: Path) -> list[str]:
     real_hf_hub_download = huggingface_hub.hf_hub_download
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
 
-    def snapshot_download(repo_id, revision=None, allow_patterns=None, cache_dir=None, local_files_only=False):
+    def snapshot_download(
+        repo_id, revision=None, allow_patterns=None, cache_dir=None, local_files_only=False
+    ):
         assert repo_id == REPO and not local_files_only
         names = _metadata_names(remote)
         fetched.extend(names)
@@ -196,4 +198,3 @@ def test_download_dir_is_read_from_the_command_line():
     assert download_dir_from_argv(["vllm", "serve", "m", "--download-dir", "/d"]) == "/d"
     assert download_dir_from_argv(["vllm", "serve", "m", "--download-dir=/e"]) == "/e"
     assert download_dir_from_argv(["vllm", "serve", "m"]) is None
-

@@ -442,3 +442,62 @@ def test_the_synchronous_fetch_maps_failures_the_same_way(media_server, monkeypa
     with pytest.raises(QTSplusHTTPError, match=pattern) as info:
         media.QTSplusMediaConnector().fetch_video(media_server + path, video_processor=VIDEO_PROCESSOR_NAME)
     assert info.value.http_status == status
+
+
+# --- issue 18: our loader for a QTSplus checkpoint, whatever video processor its files name ------
+
+
+class _MMConfig:
+    def __init__(self, media_io_kwargs):
+        self.media_io_kwargs = media_io_kwargs
+
+
+@pytest.fixture
+def unbound(monkeypatch):
+    """Binding marks the process as a QTSplus server; restore the mark after the test."""
+    from qtsplus_vllm.serving import video_loader
+
+    monkeypatch.setattr(video_loader, "_BOUND", False)
+    return video_loader
+
+
+def test_binding_makes_our_loader_win_over_the_checkpoints_video_processor(clip_bytes, unbound):
+    """The reference trainer's files name Qwen2VLVideoProcessor, which vLLM binds to its 2-fps loader."""
+    assert get_video_loader_backend_for_processor("Qwen2VLVideoProcessor") not in (None, LOADER_NAME)
+    mm_config = _MMConfig({"video": {"fps": 2}})
+    assert unbound.bind_video_loader(mm_config) == LOADER_NAME
+    assert mm_config.media_io_kwargs == {"video": {"fps": 2, "video_backend": LOADER_NAME}}
+    # vLLM's chat path: the server's media_io_kwargs merged with the request's, then fetch_video
+    merged = merge_media_io_kwargs(mm_config.media_io_kwargs, {"video": {"max_frames": 8}})
+    url = "data:video/mp4;base64," + base64.b64encode(clip_bytes).decode()
+    connector = MediaConnector(media_io_kwargs=merged)
+    frames, meta = connector.fetch_video(url, video_processor="Qwen2VLVideoProcessor").media
+    assert meta["video_backend"] == LOADER_NAME and len(decoded(frames)) == 8
+    for empty in (None, {}):  # no --media-io-kwargs at all
+        mm_config = _MMConfig(empty)
+        unbound.bind_video_loader(mm_config)
+        assert mm_config.media_io_kwargs == {"video": {"video_backend": LOADER_NAME}}
+
+
+def test_a_server_configured_with_another_loader_does_not_start(unbound):
+    with pytest.raises(unbound.LoaderBindingError, match="video_backend='opencv'.*Drop video_backend"):
+        unbound.bind_video_loader(_MMConfig({"video": {"video_backend": "opencv"}}))
+
+
+@pytest.mark.parametrize("backend", ["opencv", "qwen2_vl"])
+def test_a_request_naming_another_loader_is_refused_when_fetched(clip_bytes, unbound, backend):
+    """Only a request can name another loader (with --trust-request-mm-kwargs): 400, never its frames."""
+    from qtsplus_vllm.serving.errors import QTSplusHTTPError
+    from qtsplus_vllm.serving.media import QTSplusMediaConnector
+
+    mm_config = _MMConfig({})
+    unbound.bind_video_loader(mm_config)
+    merged = merge_media_io_kwargs(mm_config.media_io_kwargs, {"video": {"video_backend": backend}})
+    url = "data:video/mp4;base64," + base64.b64encode(clip_bytes).decode()
+    with pytest.raises(
+        QTSplusHTTPError, match="video loader: QTSplus models decode videos with 'qtsplus'"
+    ) as err:
+        QTSplusMediaConnector(media_io_kwargs=merged).fetch_video(url)
+    assert err.value.http_status == 400
+    ours = QTSplusMediaConnector(media_io_kwargs=mm_config.media_io_kwargs).fetch_video(url)
+    assert ours.media[1]["video_backend"] == LOADER_NAME
