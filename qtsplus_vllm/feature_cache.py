@@ -25,7 +25,7 @@ Two tiers, each bounded in bytes and least recently used out first, thread-safe:
 
 One video's features are M × D in the model dtype (7B: D = 3584, bf16: about 0.39 GB for a
 10-minute 720p video at the reference settings, 0.5 GB at the 768-frame cap); :func:`tier_sizes`
-sizes both tiers from the machine when they are not set (README, "Follow-up questions"), and
+sizes both tiers from the machine when they are not set (docs/long-videos.md, "Follow-up questions"), and
 :meth:`stats` reports both tiers and the size of every entry stored.
 """
 

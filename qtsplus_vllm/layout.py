@@ -1,6 +1,6 @@
 """What a QTSplus checkpoint directory holds, for the start-up report and the checks made on it.
 
-QTSplus checkpoints come in several layouts (README "Checkpoints"): what the reference trainer's
+QTSplus checkpoints come in several layouts (docs/checkpoints.md): what the reference trainer's
 ``_save`` writes (``pytorch_model.bin``, ``"architectures": ["Qwen2_5_VLTextForCausalLM"]``, the
 processor files of its ``Qwen2_5_VLVisionProcessor``, a ``training_args.bin`` pickle), the same after
 its demo converted the weights to ``model.safetensors``, repositories post-processed for remote code

@@ -2,7 +2,7 @@
 
 A pure model (no allocation, no vLLM): every term is a shape the code allocates, taken from the same
 functions the code uses (``decode_size``, ``target_size``, ``chunk_frames_for``, ``resize_batch_for``).
-The README section "Memory per in-flight video" is generated from :func:`request_memory` and
+The section "Memory per in-flight video" of docs/long-videos.md is generated from :func:`request_memory` and
 :func:`worst_case_request`, and ``tests/e2e/test_memory_bound.py`` checks the bound on a real server.
 
 Where a request's bytes live, and for how long:
@@ -111,7 +111,7 @@ MODELS = {m.name: m for m in (TINY, QTSPLUS_3B, QTSPLUS_7B)}
 # the stated budget per request for the worst case the default QTSPLUS_* limits admit (CPU runtime,
 # default processing settings): worst_case_request(model).total stays within it
 WORST_CASE_BUDGET = {"tiny": 2 * GiB, "3B": 6 * GiB, "7B": 8 * GiB}
-TABLE_BITRATES = {720: 2_500_000, 1080: 5_000_000}  # bits/s assumed for the README table
+TABLE_BITRATES = {720: 2_500_000, 1080: 5_000_000}  # bits/s assumed for the docs table
 
 
 @dataclass(frozen=True)
@@ -397,7 +397,7 @@ def _most_frames(width: int, height: int, limits: Limits, preprocess: Preprocess
 def budget_table(
     model: ModelShapes, resolutions=((1280, 720), (1920, 1080)), minutes=(10, 30, 60), bitrates=None
 ) -> list[dict]:
-    """Rows of the README table: a 30 fps video of each size and length at the default settings."""
+    """Rows of the docs table (docs/long-videos.md): a 30 fps video of each size and length at the default settings."""
     bitrates = bitrates or TABLE_BITRATES
     rows = []
     for width, height in resolutions:
@@ -418,7 +418,7 @@ def budget_table(
 
 
 def readme_tables(limits: Limits | None = None) -> str:
-    """The README's tables (section "Memory per in-flight video"), from this model."""
+    """The tables of docs/long-videos.md (section "Memory per in-flight video"), from this model."""
     limits = limits or Limits()
     lines = [
         "| video | min | model | encoded | M | held | features | working set | one video | 4 in flight |",

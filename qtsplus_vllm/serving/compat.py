@@ -26,7 +26,7 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-# (major, minor) of the vLLM releases this plugin is verified against; README "vLLM versions".
+# (major, minor) of the vLLM releases this plugin is verified against; docs/vllm-versions.md.
 VERIFIED_MINORS = ((0, 32), (0, 33))
 
 _LAZY = ("DOWNLOAD_SIZE_ERRORS", "MediaRequestDownloadSizeExceededError", "MediaDecodedBudget")

@@ -6,7 +6,7 @@ Importing this module imports neither vLLM nor CUDA (the selection runtime uses
 QTSplus runs its vision encoder (ViT) and selector in the multimodal processor, in the API-server
 process, because the number of selected tokens n fixes the prompt length before vLLM schedules the
 request (DESIGN §4). The engine-side model is the language model alone. vLLM's multimodal deployment
-options therefore fare as follows (README "Scaling out"):
+options therefore fare as follows (docs/deploying.md, "Scaling out"):
 
 - ``--mm-processor-device cpu|cuda`` (``mm_processor_kwargs["device"]``): **refused**. It moves the
   Hugging Face processor's transforms; QTSplus preprocesses frames, runs the ViT and the selector on

@@ -1,6 +1,6 @@
 """vLLM's scale-out layouts on the CPU backend, each answering token for token like the oracle.
 
-One server per layout, a few requests each (README "Scaling out"):
+One server per layout, a few requests each (docs/deploying.md, "Scaling out"):
 
 - ``-tp 2``: the LM split over two worker processes. vLLM's CPU backend needs
   ``VLLM_CPU_OMP_THREADS_BIND="0|1"`` (one core per rank) on a one-NUMA-node CPU, or the engine
@@ -13,7 +13,7 @@ One server per layout, a few requests each (README "Scaling out"):
 - ``--mm-processor-device cpu``: refused at start-up, naming ``QTSPLUS_DEVICE``.
 
 ``-pp 2`` is not tested: vLLM 0.32's CPU model runner fails on the first request even for stock
-Qwen2.5-VL on a text-only prompt (README "Scaling out").
+Qwen2.5-VL on a text-only prompt (docs/deploying.md, "Scaling out").
 
 Which API server handled a request is read from the server log: vLLM prefixes each API server's
 lines with ``(ApiServer_<rank> pid=...)`` and the processor logs one ``QTSplus video:`` line per

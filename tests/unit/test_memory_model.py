@@ -1,5 +1,5 @@
 """The memory model of one in-flight video (``qtsplus_vllm.memory``): what the default limits admit in
-the worst case maps to the stated budget, the model follows the code's own bounds, and the README's
+the worst case maps to the stated budget, the model follows the code's own bounds, and the docs page's (docs/long-videos.md)
 "Memory per in-flight video" tables are what the model computes."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from qtsplus_vllm.memory import (
 from qtsplus_vllm.streaming import CHUNK_BYTES, QUEUE_CHUNKS
 from qtsplus_vllm.video import PreprocessConfig, VideoDecodeError, vit_patch_count
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+PAGE = Path(__file__).resolve().parents[2] / "docs" / "long-videos.md"
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -140,9 +140,9 @@ def test_kept_frames_follow_the_sampling_defaults():
 
 
 def _readme_section() -> str:
-    text = README.read_text()
-    start = text.index("### Memory per in-flight video")
-    return text[start : text.index("\n### ", start + 10)]
+    text = PAGE.read_text()
+    start = text.index("## Memory per in-flight video")
+    return text[start : text.index("\n## ", start + 10)]
 
 
 def test_readme_tables_are_the_models():
