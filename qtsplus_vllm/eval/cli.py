@@ -59,6 +59,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--concurrency", type=int, default=4)
     r.add_argument("--timeout", type=float, default=600.0, help="seconds per request attempt")
     r.add_argument("--retries", type=int, default=2)
+    r.add_argument(
+        "--retry-backoff", type=float, default=1.0, help="seconds before the first retry, doubled after"
+    )
     r.add_argument("--max-tokens", type=int, default=16)
     r.add_argument("--video-access", choices=("file", "http"), default="file",
                    help="file: file:// URLs (server needs --allowed-local-media-path); http: serve them here")  # fmt: skip
@@ -102,6 +105,7 @@ def _run(args: argparse.Namespace) -> int:
         concurrency=args.concurrency,
         timeout=args.timeout,
         retries=args.retries,
+        backoff=args.retry_backoff,
         max_tokens=args.max_tokens,
     )
     if cfg.model is None:

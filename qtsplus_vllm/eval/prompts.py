@@ -88,7 +88,7 @@ _TOKEN = re.compile(r"(?<![A-Za-z'])([A-J])(?![A-Za-z'])")
 
 def _english(text: str, end: int) -> bool:
     """The capital ending at ``end`` is the word "A" or "I" ("A man ...", "I think ..."), not a choice."""
-    return text[end - 1] in "AI" and re.match(r"\s+[a-z]", text[end:]) is not None
+    return text[end - 1] in "AI" and re.match(r"\s+(?!(?:or|and|nor)\b)[a-z]", text[end:]) is not None
 
 
 def _norm(text: str) -> str:
