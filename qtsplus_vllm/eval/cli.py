@@ -3,6 +3,7 @@
     qtsplus-eval run --data ~/Video-MME --base-url http://localhost:8000/v1 --out runs/videomme \\
         --modes on off --rho-sweep 0.1,0.25
     qtsplus-eval report runs/videomme
+    qtsplus-eval combine runs/ours-vs-stock ours=runs/videomme stock=runs/videomme-stock
     qtsplus-eval mini --layout videomme /tmp/mini     # a generated mini-benchmark, for smoke runs
 
 Details: docs/evaluation.md.
@@ -74,6 +75,18 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="(re)write summary.json, report.md and the plot of an output directory")
     p.add_argument("out", type=Path)
     p.add_argument("--title", default="Evaluation report")
+    p.add_argument("--baseline", help="the mode the others are paired against (default: off, else the first)")
+
+    c = sub.add_parser(
+        "combine",
+        help="merge runs on the same items (e.g. ours and stock vLLM) into one report, modes as LABEL:MODE",
+    )
+    c.add_argument("out", type=Path)
+    c.add_argument("runs", nargs="+", metavar="LABEL=DIR", help="a run's output directory and its label")
+    c.add_argument("--title", default="Evaluation report")
+    c.add_argument(
+        "--baseline", help="LABEL:MODE the others are paired against (default: the first run's first mode)"
+    )
 
     m = sub.add_parser("mini", help="write a generated mini-benchmark (random videos, chance accuracy)")
     m.add_argument("out", type=Path)
@@ -165,11 +178,20 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "run":
         return _run(args)
-    if args.command == "report":
-        if not (args.out / report.RESULTS).is_file():
-            print(f"qtsplus-eval: no {report.RESULTS} in {args.out}", file=sys.stderr)
+    if args.command in ("report", "combine"):
+        try:
+            if args.command == "combine":
+                runs = [tuple(spec.split("=", 1)) for spec in args.runs]
+                if any(len(run) != 2 or not run[0] for run in runs):
+                    raise ValueError("each run is LABEL=DIR")
+                report.combine(args.out, [(label, Path(path)) for label, path in runs])
+            if not (args.out / report.RESULTS).is_file():
+                raise ValueError(f"no {report.RESULTS} in {args.out}")
+            summary = report.write_report(args.out, args.title, args.baseline)
+        except (ValueError, OSError) as err:
+            print(f"qtsplus-eval: {err}", file=sys.stderr)
             return 2
-        print(report.to_markdown(report.write_report(args.out, args.title), args.title))
+        print(report.to_markdown(summary, args.title))
         return 0
     from .mini import write_mini_benchmark
 

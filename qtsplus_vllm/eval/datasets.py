@@ -218,6 +218,8 @@ def load_mlvu(root: str | Path, videos: str | Path | None = None) -> Dataset:
     if root.is_file():
         files, video_root = [root], Path(videos) if videos else root.parent.parent / "video"
     else:
+        if not (root / "json").is_dir() and (root / "MLVU" / "json").is_dir():  # the Hub download's root
+            root = root / "MLVU"
         json_dir = root / "json" if (root / "json").is_dir() else root
         files = sorted(json_dir.glob("*.json"))
         video_root = Path(videos) if videos else root / "video"
@@ -370,7 +372,7 @@ def detect_layout(path: str | Path) -> str:
         return "videomme"
     if (path / "lvb_val.json").is_file():
         return "longvideobench"
-    if (path / "json").is_dir():
+    if (path / "json").is_dir() or (path / "MLVU" / "json").is_dir():
         return "mlvu"
     if list(path.glob("videomme/*.parquet")) or list(path.glob("*.parquet")):
         return "videomme"

@@ -32,7 +32,11 @@ def _accuracy(records: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def summarize(records: list[dict[str, Any]], run_info: dict[str, Any] | None = None) -> dict[str, Any]:
+def summarize(
+    records: list[dict[str, Any]], run_info: dict[str, Any] | None = None, baseline: str | None = None
+) -> dict[str, Any]:
+    """The summary of the latest record per (mode, item); ``baseline``: the mode the others are paired
+    against (default ``off`` when present, else the first mode)."""
     run_info = run_info or {}
     latest = latest_records(records)
     order = [m["name"] for m in run_info.get("modes", [])]
@@ -80,7 +84,10 @@ def summarize(records: list[dict[str, Any]], run_info: dict[str, Any] | None = N
     paired = []
     names = list(by_mode)
     if names:
-        baseline = "off" if "off" in by_mode else names[0]
+        if baseline is None:
+            baseline = "off" if "off" in by_mode else names[0]
+        elif baseline not in by_mode:
+            raise ValueError(f"baseline {baseline!r} is not one of the modes: {', '.join(names)}")
         base = {r["id"]: r for r in by_mode[baseline] if r.get("status") == "ok"}
         for name in names:
             if name == baseline:
@@ -221,13 +228,50 @@ TABLE = "report.md"
 PLOT = "accuracy_vs_tokens.png"
 
 
-def write_report(out_dir: Path, title: str = "Evaluation report") -> dict[str, Any]:
+def write_report(
+    out_dir: Path, title: str = "Evaluation report", baseline: str | None = None
+) -> dict[str, Any]:
     """Summarize ``out_dir/results.jsonl`` into ``summary.json``, ``report.md`` and the plot; returns the summary."""
     out_dir = Path(out_dir)
     info_path = out_dir / RUN_INFO
     run_info = json.loads(info_path.read_text(encoding="utf-8")) if info_path.is_file() else {}
-    summary = summarize(read_records(out_dir / RESULTS), run_info)
+    summary = summarize(read_records(out_dir / RESULTS), run_info, baseline)
     (out_dir / SUMMARY).write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     (out_dir / TABLE).write_text(to_markdown(summary, title), encoding="utf-8")
     plot(summary, out_dir / PLOT)
     return summary
+
+
+def combine(out_dir: Path, runs: list[tuple[str, Path]]) -> None:
+    """Merge the results of several runs (e.g. our server and a stock vLLM one, on the same items) into
+    ``out_dir``: each mode is renamed ``label:mode``; then :func:`write_report` pairs them like modes."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    merged: list[dict[str, Any]] = []
+    info: dict[str, Any] = {"endpoint": [], "model": [], "modes": [], "runs": {}}
+    for label, run_dir in runs:
+        run_dir = Path(run_dir)
+        info_path = run_dir / RUN_INFO
+        run_info = json.loads(info_path.read_text(encoding="utf-8")) if info_path.is_file() else {}
+        records = list(latest_records(read_records(run_dir / RESULTS)).values())
+        if not records:
+            raise ValueError(f"{run_dir}: no results")
+        info["runs"][label] = {
+            "dir": str(run_dir),
+            "endpoint": run_info.get("endpoint"),
+            "model": run_info.get("model"),
+        }
+        info["dataset"] = info.get("dataset") or run_info.get("dataset", {})
+        info["endpoint"].append(f"{label}: {run_info.get('endpoint')}")
+        info["model"].append(f"{label}: {run_info.get('model')}")
+        names = [m["name"] for m in run_info.get("modes", [])] or list(
+            dict.fromkeys(r["mode"] for r in records)
+        )
+        settings = {m["name"]: m.get("settings", {}) for m in run_info.get("modes", [])}
+        info["modes"] += [{"name": f"{label}:{name}", "settings": settings.get(name, {})} for name in names]
+        merged += [{**r, "mode": f"{label}:{r['mode']}"} for r in records]
+    info["endpoint"] = "; ".join(info["endpoint"])
+    info["model"] = "; ".join(info["model"])
+    (out_dir / RUN_INFO).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    with (out_dir / RESULTS).open("w", encoding="utf-8") as sink:
+        sink.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in merged)

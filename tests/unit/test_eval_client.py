@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -307,3 +308,54 @@ def test_a_killed_run_resumes_without_repeating_finished_items(tmp_path):
     records = read_records(results)
     assert len(records) == N and {r["id"] for r in records} == {f"line{k}" for k in range(1, N + 1)}
     assert json.loads((out / report.SUMMARY).read_text())["modes"][0]["accuracy"] == 9 / 12
+
+
+def test_video_server_serves_only_the_evaluated_files(tmp_path):
+    from qtsplus_vllm.eval.media import VideoServer
+
+    video = tmp_path / "a b.mp4"
+    video.write_bytes(b"0123456789")
+    (tmp_path / "secret.txt").write_text("no")
+    with VideoServer([video]) as server:
+        url = server.url(video)
+        with urllib.request.urlopen(url, timeout=10) as response:
+            assert response.read() == b"0123456789" and response.headers["Content-Length"] == "10"
+        root = url.split("/v/")[0]
+        for path in ("/secret.txt", "/v/0/secret.txt", "/v/1/a%20b.mp4", "/v/0/../secret.txt", "/"):
+            with pytest.raises(urllib.error.HTTPError) as err:
+                urllib.request.urlopen(root + path, timeout=10)
+            assert err.value.code == 404
+
+
+def _write_run(directory: Path, mode: str, right: list[bool], preds: list[str], tokens: int) -> Path:
+    directory.mkdir(parents=True)
+    lines = [
+        {"mode": mode, "id": f"q{k}", "status": "ok", "answer": "A", "pred": pred, "correct": ok,
+         "prompt_tokens": tokens, "ttft_s": 0.1, "latency_s": 0.2, "groups": {}}
+        for k, (ok, pred) in enumerate(zip(right, preds, strict=True))
+    ]  # fmt: skip
+    (directory / report.RESULTS).write_text("".join(json.dumps(line) + "\n" for line in lines))
+    info = {"endpoint": f"http://{directory.name}", "model": "m", "modes": [{"name": mode, "settings": {}}]}
+    (directory / report.RUN_INFO).write_text(json.dumps(info))
+    return directory
+
+
+def test_combine_pairs_runs_of_two_endpoints(tmp_path):
+    # stock vLLM ("default" mode) against our server ("on"), the same 10 items
+    stock = [True] * 6 + [False] * 4
+    ours = [True] * 5 + [False] + [True] * 2 + [False] * 2  # q5 lost, q6 and q7 gained
+    _write_run(tmp_path / "stock", "default", stock, ["A" if x else "B" for x in stock], 1000)
+    _write_run(tmp_path / "ours", "on", ours, ["A" if x else "C" for x in ours], 300)
+    out = tmp_path / "both"
+    assert main(["combine", str(out), f"stock={tmp_path / 'stock'}", f"ours={tmp_path / 'ours'}"]) == 0
+    summary = json.loads((out / report.SUMMARY).read_text())
+    assert [m["mode"] for m in summary["modes"]] == ["stock:default", "ours:on"]
+    (p,) = summary["paired"]
+    assert (p["baseline"], p["mode"], p["n"]) == ("stock:default", "ours:on", 10)
+    assert (p["only_baseline_right"], p["only_mode_right"]) == (1, 2)
+    assert p["mcnemar_p"] == 1.0 and p["difference"] == pytest.approx(0.1)
+    assert p["changed"] == pytest.approx(5 / 10)  # q5-q9: every item where either is wrong
+    assert main(["report", str(out), "--baseline", "ours:on"]) == 0
+    assert json.loads((out / report.SUMMARY).read_text())["paired"][0]["baseline"] == "ours:on"
+    assert main(["report", str(out), "--baseline", "nope"]) == 2
+    assert main(["combine", str(out), "no-equals-sign"]) == 2

@@ -206,3 +206,9 @@ def test_longvideobench_test_split_has_no_answers(tmp_path):
     )
     dataset = load_longvideobench(tmp_path)
     assert dataset.items == [] and dataset.skipped[0]["id"] == "x"
+
+
+def test_mlvu_from_the_hub_download_root(tmp_path):
+    write_mini_benchmark(tmp_path / "MLVU", "mlvu", videos=2, questions=1)
+    assert detect_layout(tmp_path) == "mlvu"
+    assert len(load_dataset("auto", tmp_path).items) == 2
