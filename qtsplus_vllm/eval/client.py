@@ -58,6 +58,7 @@ class RequestError(Exception):
         super().__init__(message)
         self.status = status
         self.retryable = retryable
+        self.attempts = 1
 
 
 def build_body(item: Item, mode: Mode, video_url: str, cfg: ClientConfig, model: str) -> dict[str, Any]:

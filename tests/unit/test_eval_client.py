@@ -359,3 +359,15 @@ def test_combine_pairs_runs_of_two_endpoints(tmp_path):
     assert json.loads((out / report.SUMMARY).read_text())["paired"][0]["baseline"] == "ours:on"
     assert main(["report", str(out), "--baseline", "nope"]) == 2
     assert main(["combine", str(out), "no-equals-sign"]) == 2
+
+
+def test_run_usage_errors(tmp_path, capsys):
+    data = write_choice_set(tmp_path, 1)
+    base = ["run", "--out", str(tmp_path / "o"), "--no-progress"]
+    assert main([*base, "--data", str(tmp_path / "nothing"), "--base-url", "http://127.0.0.1:9"]) == 2
+    assert (
+        main([*base, "--data", str(data), "--base-url", "http://127.0.0.1:9", "--modes", "colour=red"]) == 2
+    )
+    # nothing listens on port 9: the model cannot be listed, said before any item is asked
+    assert main([*base, "--data", str(data), "--base-url", "http://127.0.0.1:9"]) == 2
+    assert "pass --model" in capsys.readouterr().err
