@@ -160,6 +160,12 @@ def to_markdown(summary: dict[str, Any], title: str = "Evaluation report") -> st
             f"| {_num(m['ttft_s']['p50'], '.2f')} / {_num(m['ttft_s']['p90'], '.2f')} "
             f"| {_num(m['latency_s']['p50'], '.2f')} / {_num(m['latency_s']['p90'], '.2f')} |"
         )
+    if len(summary["modes"]) > 1:
+        lines += [
+            "",
+            "Modes ran one after another in this order. With the server's ViT-feature or processor cache on, "
+            "later modes reuse the first one's decoding and ViT: compare latencies from a server with caches off.",
+        ]
     if summary["paired"]:
         lines += [
             "",
@@ -204,14 +210,20 @@ def plot(summary: dict[str, Any], path: Path) -> Path | None:
         m for m in summary["modes"] if m["accuracy"] is not None and m["prompt_tokens"]["mean"] is not None
     ]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ys = []
     for m in points:
         x, y = m["prompt_tokens"]["mean"], 100 * m["accuracy"]
         lo, hi = (100 * m["ci95"][0], 100 * m["ci95"][1]) if m["ci95"] else (y, y)
-        ax.errorbar([x], [y], yerr=[[y - lo], [hi - y]], fmt="o", capsize=4)
-        ax.annotate(m["mode"], (x, y), textcoords="offset points", xytext=(6, 6), fontsize=8)
+        ax.errorbar([x], [y], yerr=[[y - lo], [hi - y]], fmt="o", capsize=4, label=m["mode"])
+        ys += [lo, hi]
+    if ys:  # some room around the intervals, inside 0-100
+        pad = max(2.0, (10 - (max(ys) - min(ys))) / 2)
+        ax.set_ylim(max(0.0, min(ys) - pad), min(100.0, max(ys) + pad))
+        ax.legend(fontsize=8, loc="best")
     ax.set_xlabel("mean prompt tokens per request")
-    ax.set_ylabel("accuracy % (95% bootstrap CI)")
-    model = summary.get("model") or "model"
+    ax.set_ylabel("accuracy % (95% bootstrap interval)")
+    model = str(summary.get("model") or "model")
+    model = model if ";" in model else Path(model).name  # a local path or Hub id: its last part
     ax.set_title(f"Accuracy vs prompt tokens: {model}", fontsize=9)
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
