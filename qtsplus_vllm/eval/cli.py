@@ -75,7 +75,10 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="(re)write summary.json, report.md and the plot of an output directory")
     p.add_argument("out", type=Path)
     p.add_argument("--title", default="Evaluation report")
-    p.add_argument("--baseline", help="the mode the others are paired against (default: off, else the first)")
+    p.add_argument(
+        "--baseline",
+        help="the mode the others are paired against (default: the first off mode, else the first)",
+    )
 
     c = sub.add_parser(
         "combine",

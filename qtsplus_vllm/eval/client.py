@@ -256,7 +256,9 @@ async def _evaluate(
     body = build_body(item, mode, url, cfg, model)
     try:
         answer, attempts = await ask(client, cfg, body)
-    except RequestError as err:
+    except Exception as err:  # a bug or an unexpected reply must not end the run: record it as a failure
+        if not isinstance(err, RequestError):
+            err = RequestError(f"client error: {type(err).__name__}: {err}", retryable=False)
         record.update(
             status="failed", error=str(err), http_status=err.status, attempts=getattr(err, "attempts", 1)
         )

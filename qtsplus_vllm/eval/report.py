@@ -6,7 +6,7 @@ Definitions (``docs/evaluation.md`` explains them):
   items are left out of every accuracy (they are no answer, not a wrong one) and counted apart.
 - *accuracy*: right / answered; a reply with no extractable letter (*unparsed*) is wrong.
 - 95 % intervals: percentile bootstrap over items (:mod:`.stats`).
-- paired comparison of each mode against the baseline (``off`` when run, else the first mode) on
+- paired comparison of each mode against the baseline (the first ``off`` mode, else the first mode) on
   the items answered in both: the accuracy difference with a paired bootstrap interval, the
   discordant counts, McNemar's exact p-value, and the fraction of items whose chosen letter changed.
 - prompt tokens: mean and p90 of ``usage.prompt_tokens``; TTFT and end-to-end latency: p50 / p90.
@@ -36,7 +36,7 @@ def summarize(
     records: list[dict[str, Any]], run_info: dict[str, Any] | None = None, baseline: str | None = None
 ) -> dict[str, Any]:
     """The summary of the latest record per (mode, item); ``baseline``: the mode the others are paired
-    against (default ``off`` when present, else the first mode)."""
+    against (default: the first ``off`` mode, e.g. ``off`` or ``off,fps=2``, else the first mode)."""
     run_info = run_info or {}
     latest = latest_records(records)
     order = [m["name"] for m in run_info.get("modes", [])]
@@ -84,8 +84,8 @@ def summarize(
     paired = []
     names = list(by_mode)
     if names:
-        if baseline is None:
-            baseline = "off" if "off" in by_mode else names[0]
+        if baseline is None:  # the first selection-off mode ("off", "off,fps=2"), else the first mode
+            baseline = next((n for n in names if n == "off" or n.startswith("off,")), names[0])
         elif baseline not in by_mode:
             raise ValueError(f"baseline {baseline!r} is not one of the modes: {', '.join(names)}")
         base = {r["id"]: r for r in by_mode[baseline] if r.get("status") == "ok"}

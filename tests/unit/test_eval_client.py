@@ -371,3 +371,46 @@ def test_run_usage_errors(tmp_path, capsys):
     # nothing listens on port 9: the model cannot be listed, said before any item is asked
     assert main([*base, "--data", str(data), "--base-url", "http://127.0.0.1:9"]) == 2
     assert "pass --model" in capsys.readouterr().err
+
+
+def test_an_unexpected_reply_is_a_failure_not_a_crash(tmp_path):
+    items = load_choice(write_choice_set(tmp_path, 2)).items
+
+    class Odd(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):  # noqa: N802
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.end_headers()
+            self.wfile.write(b'data: {"choices": 5}\n\ndata: [DONE]\n\n')
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Odd)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        config = ClientConfig(base_url=f"http://127.0.0.1:{server.server_address[1]}", model="m", retries=0)
+        result = asyncio.run(
+            run(
+                items, build_modes(["on"]), config, tmp_path / "r.jsonl", lambda p: p.as_uri(), progress=False
+            )
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert (result.asked, result.failed) == (2, 2)
+    assert all("client error: TypeError" in r["error"] for r in read_records(tmp_path / "r.jsonl"))
+
+
+def test_the_baseline_is_the_first_off_mode():
+    def records(mode, right):
+        return [{"mode": mode, "id": f"q{k}", "status": "ok", "pred": "A" if r else "B", "correct": r}
+                for k, r in enumerate(right)]  # fmt: skip
+
+    rs = records("on,fps=2", [True, True]) + records("off,fps=2", [True, False])
+    summary = report.summarize(rs)
+    assert [(p["baseline"], p["mode"]) for p in summary["paired"]] == [("off,fps=2", "on,fps=2")]
+    assert report.summarize(rs, baseline="on,fps=2")["paired"][0]["mode"] == "off,fps=2"
+    with pytest.raises(ValueError):
+        report.summarize(rs, baseline="off")
