@@ -9,7 +9,8 @@ Layouts (``root`` is the directory the benchmark was unpacked into; an annotatio
 - ``videomme``: ``videomme/test-00000-of-00001.parquet`` (the Hugging Face release; needs pyarrow,
   ``pip install ".[eval]"``) or a JSON/JSONL file of the same records, flat
   (``video_id, duration, domain, sub_category, videoID, question_id, task_type, question, options,
-  answer``) or nested (a video record with a ``questions`` list). Videos ``data/<videoID>.mp4``.
+  answer``) or nested (a video record with a ``questions`` list). Videos ``data/<videoID>.mp4``
+  (or ``videos/``; ``.mkv`` and other containers too).
   Groups: ``duration`` (short / medium / long), ``task`` (task_type), ``domain``.
 - ``mlvu``: the dev set, ``json/<k>_<task>.json`` (``video, duration, question, candidates,
   answer, question_type``) with videos in ``video/<k>_<task>/``. The gold answer is the text of
@@ -177,7 +178,10 @@ def load_videomme(root: str | Path, videos: str | Path | None = None) -> Dataset
     root = Path(root)
     annotation = _videomme_annotation(root)
     base = annotation.parent.parent if annotation.parent.name == "videomme" else annotation.parent
-    video_dir = Path(videos) if videos else (base / "data" if (base / "data").is_dir() else base)
+    if videos:
+        video_dir = Path(videos)
+    else:  # the release's zips unpack into data/; some copies keep them in videos/
+        video_dir = next((base / d for d in ("data", "videos") if (base / d).is_dir()), base)
     build = _Builder("videomme", annotation)
     for k, record in enumerate(_videomme_flat(_read_records(annotation))):
         item_id = str(record.get("question_id") or f"{record.get('video_id', 'q')}-{k}")
