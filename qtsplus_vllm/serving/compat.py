@@ -4,7 +4,8 @@ The releases are listed once, in ``qtsplus_vllm/vllm_releases.json``; what each 
 ``docs/vllm-<minor>-compat.md``. Everything here detects features, never version numbers: the CPU
 test runs a newer release's source over the installed 0.32 build, where ``importlib.metadata``
 still reports 0.32, and a patch release may back-port a change. vLLM is imported lazily, so
-``api_server_rank`` (used by the torch-only selection runtime) costs no vLLM import.
+``api_server_rank`` (used by the torch-only selection runtime) costs no vLLM import. 0.34 changed
+none of the surfaces below (docs/vllm-0.34-compat.md): each of its shims behaves as on 0.33.
 
 - ``DOWNLOAD_SIZE_ERRORS``: the exception classes vLLM raises when an HTTP media download is too
   large. 0.33 adds a per-request cap (``VLLM_MAX_MEDIA_REQUEST_DOWNLOAD_SIZE_MB``,

