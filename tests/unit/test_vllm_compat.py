@@ -13,6 +13,7 @@ fetches as the installed release.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import multiprocessing
@@ -20,6 +21,7 @@ import os
 import subprocess
 import sys
 import tomllib
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -77,6 +79,27 @@ def test_release_list_refuses_bad_entries(tmp_path):
     ):
         with pytest.raises(ValueError):
             vllm_releases.load(entries(*bad))
+
+
+def test_unpack_takes_the_checked_wheels_python_source_once(tmp_path, capsys):
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    name = "vllm-9.9.0-cp38-abi3-manylinux_2_28_x86_64.whl"
+    with zipfile.ZipFile(wheels / name, "w") as whl:
+        whl.writestr("vllm/__init__.py", "__version__ = '9.9.0'\n")
+        whl.writestr("vllm/_C.abi3.so", b"\0")
+        whl.writestr("vllm-9.9.0.dist-info/METADATA", "Name: vllm\n")
+    digest = hashlib.sha256((wheels / name).read_bytes()).hexdigest()
+    release = vllm_releases.Release("9.9.0", name, digest)
+    dest = tmp_path / "src" / "9.9.0"
+    assert vllm_releases.unpack(release, dest, wheels)
+    files = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
+    assert files == [vllm_releases.COMPLETE, "vllm/__init__.py"]  # the Python only
+    assert not vllm_releases.unpack(release, dest, wheels)  # done once
+    tampered = vllm_releases.Release("9.9.0", name, "0" * 64)
+    with pytest.raises(SystemExit, match="sha256"):
+        vllm_releases.unpack(tampered, tmp_path / "other", wheels)
+    assert not (tmp_path / "other" / vllm_releases.COMPLETE).exists()
 
 
 def test_gpu_extra_admits_exactly_the_listed_minors():
