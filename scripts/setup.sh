@@ -7,39 +7,22 @@ cd "$(dirname "$0")/.."
 VENV=${QTSPLUS_VENV:-.venv}
 PY=${PYTHON:-python3.11}
 
-# vLLM 0.33.0's Python source, for tests/unit/test_vllm_compat.py (the plugin against 0.33's code on
-# CPU; there is no CPU build of 0.33): the pinned upstream wheel, checked by sha256, of which only
-# vllm/**/*.py is unpacked into $VENV/vllm-src/0.33.0 (about 57 MB; ignored, never installed). Done
-# once (the wheel, ~340 MB, is not kept); QTSPLUS_VLLM033_WHEEL=path uses a wheel already on disk.
-VLLM033_WHEEL=vllm-0.33.0-cp38-abi3-manylinux_2_28_x86_64.whl
-VLLM033_SHA256=4b6bdec4ab269990bf70d45a3c1e94c3760a27064513760193b26d6f0da883aa
-vllm033_source() {
-    local dest="$VENV/vllm-src/0.33.0" tmp wheel
-    [ -f "$dest/.complete" ] && return 0
-    echo "== unpacking vLLM 0.33.0's Python source into $dest (one-time) =="
-    tmp=$(mktemp -d)
-    wheel=${QTSPLUS_VLLM033_WHEEL:-}
-    if [ -z "$wheel" ]; then
-        "$VENV/bin/python" -m pip download --quiet --no-deps --only-binary=:all: \
-            --platform manylinux_2_28_x86_64 --python-version 3.12 -d "$tmp" vllm==0.33.0
-        wheel="$tmp/$VLLM033_WHEEL"
-    fi
-    echo "$VLLM033_SHA256  $wheel" | sha256sum --check --quiet -
-    rm -rf "$dest"
-    "$VENV/bin/python" - "$wheel" "$dest" <<'PY'
-import sys, zipfile
-with zipfile.ZipFile(sys.argv[1]) as wheel:
-    wheel.extractall(sys.argv[2], [n for n in wheel.namelist() if n.startswith("vllm/") and n.endswith(".py")])
-PY
-    touch "$dest/.complete"
-    rm -rf "$tmp"
+# The Python source of every vLLM release proven on CPU by its source (qtsplus_vllm/vllm_releases.json,
+# the entries with a wheel; there is no CPU build of them), for tests/unit/test_vllm_compat.py: each
+# pinned upstream wheel, checked by sha256, of which only vllm/**/*.py is unpacked into
+# $VENV/vllm-src/<version> (about 60 MB each; ignored, never installed). Each is done once (the wheel,
+# 250-350 MB, is not kept); QTSPLUS_VLLM_WHEELS=folder uses wheels already there (by file name).
+# The list is not part of the key below: adding a release unpacks it, it does not reinstall.
+vllm_sources() {
+    "$VENV/bin/python" -m qtsplus_vllm.vllm_releases unpack "$VENV/vllm-src"
 }
 
-key=$(cat pyproject.toml scripts/setup.sh scripts/cpu_torchvision_stubs.py scripts/vllm_dist_shim/pyproject.toml \
-      | sha256sum | cut -c1-16)
+# What the installation depends on (the gpu extra's bound is not: it follows the list above).
+key=$({ grep -v '^gpu = ' pyproject.toml; cat scripts/setup.sh scripts/cpu_torchvision_stubs.py \
+        scripts/vllm_dist_shim/pyproject.toml; } | sha256sum | cut -c1-16)
 stamp="$VENV/.qtsplus-setup-$key"
 if [ -f "$stamp" ]; then
-    vllm033_source
+    vllm_sources
     exit 0
 fi
 
@@ -62,7 +45,7 @@ if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null 
         >"$VENV/chromium-install.log" 2>&1 \
         || echo "== chromium not installed (see $VENV/chromium-install.log): the browser test will skip =="
 fi
-vllm033_source
+vllm_sources
 rm -f "$VENV"/.qtsplus-setup-*
 touch "$stamp"
 echo "== $VENV ready =="

@@ -1,9 +1,11 @@
-"""Where vLLM 0.32.x and 0.33.x differ for this plugin, in one place (docs/vllm-0.33-compat.md).
+"""Where the proven vLLM releases differ for this plugin, in one place (docs/vllm-versions.md).
 
-Everything here detects features, never version numbers: the CPU test runs 0.33's source over an
-installed 0.32 build, where ``importlib.metadata`` still reports 0.32, and a patch release may
-back-port a change. vLLM is imported lazily, so ``api_server_rank`` (used by the torch-only
-selection runtime) costs no vLLM import.
+The releases are listed once, in ``qtsplus_vllm/vllm_releases.json``; what each one changed is in
+``docs/vllm-<minor>-compat.md``. Everything here detects features, never version numbers: the CPU
+test runs a newer release's source over the installed 0.32 build, where ``importlib.metadata``
+still reports 0.32, and a patch release may back-port a change. vLLM is imported lazily, so
+``api_server_rank`` (used by the torch-only selection runtime) costs no vLLM import. 0.34 changed
+none of the surfaces below (docs/vllm-0.34-compat.md): each of its shims behaves as on 0.33.
 
 - ``DOWNLOAD_SIZE_ERRORS``: the exception classes vLLM raises when an HTTP media download is too
   large. 0.33 adds a per-request cap (``VLLM_MAX_MEDIA_REQUEST_DOWNLOAD_SIZE_MB``,
@@ -13,7 +15,7 @@ selection runtime) costs no vLLM import.
   :func:`image_io_kwargs` and :func:`charge_decoded` use it where it exists.
 - :func:`build_chat_params`: 0.33 renders chats with the server's ``reasoning_effort_map``.
 - :func:`api_server_rank`: which of ``--api-server-count`` servers this process is.
-- :func:`check_vllm_version`: a warning (never a failure) on a vLLM minor not verified here.
+- :func:`check_vllm_version`: a warning (never a failure) on a vLLM minor not in the list.
 """
 
 from __future__ import annotations
@@ -24,10 +26,12 @@ import multiprocessing
 import re
 from typing import Any
 
+from .. import vllm_releases
+
 logger = logging.getLogger(__name__)
 
-# (major, minor) of the vLLM releases this plugin is verified against; docs/vllm-versions.md.
-VERIFIED_MINORS = ((0, 32), (0, 33))
+# (major, minor) of the vLLM releases this plugin is proven with (qtsplus_vllm/vllm_releases.json).
+VERIFIED_MINORS = vllm_releases.verified_minors()
 
 _LAZY = ("DOWNLOAD_SIZE_ERRORS", "MediaRequestDownloadSizeExceededError", "MediaDecodedBudget")
 
@@ -84,7 +88,7 @@ def check_vllm_version(version: str | None = None) -> bool:
     verified = ", ".join(f"{a}.{b}.x" for a, b in VERIFIED_MINORS)
     logger.warning(
         "qtsplus-vllm is verified with vLLM %s; this is vLLM %s: the multimodal processor, media and "
-        "model APIs it uses may have changed (see docs/vllm-0.33-compat.md for how a release is checked)",
+        "model APIs it uses may have changed (see docs/vllm-versions.md for how a release is proven)",
         verified,
         version,
     )

