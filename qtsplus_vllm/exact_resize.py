@@ -37,6 +37,7 @@ import functools
 import logging
 import math
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -137,16 +138,45 @@ def _kernels():
     return _resize_kernels.width_pass, _resize_kernels.height_pass
 
 
-def _resize_nhwc(frames: np.ndarray, size: tuple[int, int], variant: str) -> np.ndarray:
-    """uint8 [T, H, W, C] (C-contiguous) -> uint8 [T, C, h, w]: both passes, no checks."""
+_POOL: ThreadPoolExecutor | None = None
+_POOL_WORKERS = 0
+_POOL_LOCK = threading.Lock()
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    """Threads that run the (GIL-free) passes on parts of a batch, as many as torch's intra-op threads."""
+    global _POOL, _POOL_WORKERS
+    with _POOL_LOCK:
+        if _POOL is None or _POOL_WORKERS < workers:
+            _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qtsplus-resize")
+            _POOL_WORKERS = workers
+        return _POOL
+
+
+def _resize_nhwc(
+    frames: np.ndarray, size: tuple[int, int], variant: str, threads: int | None = None
+) -> np.ndarray:
+    """uint8 [T, H, W, C] (C-contiguous) -> uint8 [T, C, h, w]: both passes, no checks; the frames are
+    split over ``threads`` threads (default: torch's intra-op thread count)."""
     t, height, width, nc = frames.shape
     h, w = size
     across, down = axis_table(width, w), axis_table(height, h)
-    tmp = np.empty((t, height, w, nc), np.float32)
     width_pass, height_pass = _kernels()
-    width_pass(frames, across.starts, across.sizes, across.plain_steps(variant), across.weights, tmp)
+    across_plain, down_plain = across.plain_steps(variant), down.plain_steps(variant)
     out = np.empty((t, nc, h, w), np.uint8)
-    height_pass(tmp, down.starts, down.sizes, down.plain_steps(variant), down.weights, out)
+
+    def run(first: int, last: int) -> None:
+        tmp = np.empty((last - first, height, w, nc), np.float32)
+        width_pass(frames[first:last], across.starts, across.sizes, across_plain, across.weights, tmp)
+        height_pass(tmp, down.starts, down.sizes, down_plain, down.weights, out[first:last])
+
+    threads = min(t, max(1, threads if threads is not None else torch.get_num_threads()))
+    if threads == 1:
+        run(0, t)
+        return out
+    bounds = np.linspace(0, t, threads + 1).round().astype(int)
+    for job in [_pool(threads).submit(run, a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]:
+        job.result()
     return out
 
 
