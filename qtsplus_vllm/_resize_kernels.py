@@ -6,7 +6,7 @@ import numpy as np
 from numba import njit, types
 from numba.extending import intrinsic
 
-TILE_ROWS = 16  # source rows transposed at a time by the width pass (a [W, 16·C] float32 tile)
+TILE_ROWS = 16  # source rows transposed at a time by the width pass (a [W, 16·C] uint8 tile)
 
 
 @intrinsic
@@ -22,43 +22,50 @@ def fma32(typingctx, a, b, c):
 
 @njit(nogil=True, cache=True)
 def width_pass(src, starts, sizes, plain, weights, dst):
-    """uint8 [B, H, W, C] -> float32 [B, H, w, C] along W, tiles of rows transposed to [W, R·C]."""
+    """uint8 [B, H, W, C] -> float32 [B, H, w, C] along W. Tiles of TILE_ROWS source rows are
+    transposed to uint8 [W, rows·C], so that each tap of an output is one contiguous row and every
+    output's sum runs across rows·C lanes at once (the order of each lane's sum is ATen's)."""
     nb, height, width, nc = src.shape
-    rows_max = TILE_ROWS
     out = starts.shape[0]
-    buf = np.empty((width, rows_max * nc), np.float32)
-    acc = np.empty(rows_max * nc, np.float32)
+    buf = np.empty((width, TILE_ROWS * nc), np.uint8)
+    acc = np.empty(TILE_ROWS * nc, np.float32)
     for b in range(nb):
-        for y0 in range(0, height, rows_max):
-            rows = min(rows_max, height - y0)
+        for y0 in range(0, height, TILE_ROWS):
+            rows = min(TILE_ROWS, height - y0)
             lanes = rows * nc
-            for r in range(rows):
-                srow = src[b, y0 + r]
-                q = r * nc
-                if nc == 3:
-                    for x in range(width):
-                        buf[x, q] = np.float32(srow[x, 0])
-                        buf[x, q + 1] = np.float32(srow[x, 1])
-                        buf[x, q + 2] = np.float32(srow[x, 2])
-                else:
-                    for x in range(width):
+            tile = src[b, y0 : y0 + rows]
+            if nc == 3:
+                for x in range(width):
+                    d = buf[x]
+                    for r in range(rows):
+                        q = r * 3
+                        d[q] = tile[r, x, 0]
+                        d[q + 1] = tile[r, x, 1]
+                        d[q + 2] = tile[r, x, 2]
+            else:
+                for x in range(width):
+                    d = buf[x]
+                    for r in range(rows):
                         for c in range(nc):
-                            buf[x, q + c] = np.float32(srow[x, c])
+                            d[r * nc + c] = tile[r, x, c]
             for j in range(out):
                 s = starts[j]
                 n = sizes[j]
                 p = plain[j]
                 wk = weights[j, 0]
+                row = buf[s]
                 for m in range(lanes):
-                    acc[m] = buf[s, m] * wk
+                    acc[m] = np.float32(row[m]) * wk
                 for k in range(1, p + 1):
                     wk = weights[j, k]
+                    row = buf[s + k]
                     for m in range(lanes):
-                        acc[m] = acc[m] + buf[s + k, m] * wk
+                        acc[m] = acc[m] + np.float32(row[m]) * wk
                 for k in range(p + 1, n):
                     wk = weights[j, k]
+                    row = buf[s + k]
                     for m in range(lanes):
-                        acc[m] = fma32(buf[s + k, m], wk, acc[m])
+                        acc[m] = fma32(np.float32(row[m]), wk, acc[m])
                 for r in range(rows):
                     d = dst[b, y0 + r, j]
                     q = r * nc
