@@ -36,6 +36,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -140,16 +141,18 @@ def _kernels():
 
 _POOL: ThreadPoolExecutor | None = None
 _POOL_WORKERS = 0
+_POOL_PID = 0
 _POOL_LOCK = threading.Lock()
 
 
 def _pool(workers: int) -> ThreadPoolExecutor:
     """Threads that run the (GIL-free) passes on parts of a batch, as many as torch's intra-op threads."""
-    global _POOL, _POOL_WORKERS
+    global _POOL, _POOL_WORKERS, _POOL_PID
     with _POOL_LOCK:
-        if _POOL is None or _POOL_WORKERS < workers:
+        # a forked child inherits the pool object but not its threads: it makes its own
+        if _POOL is None or _POOL_WORKERS < workers or _POOL_PID != os.getpid():
             _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qtsplus-resize")
-            _POOL_WORKERS = workers
+            _POOL_WORKERS, _POOL_PID = workers, os.getpid()
         return _POOL
 
 
