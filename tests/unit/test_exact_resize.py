@@ -166,3 +166,28 @@ def test_what_the_fast_path_does_not_take_goes_to_torchvision(fast, monkeypatch)
     monkeypatch.setattr(exact_resize, "variant", lambda: None)
     assert exact_resize.resize_uint8(x, (28, 84)) is None
     assert torch.equal(resize_frames_uint8(x, (28, 84)), reference(x, (28, 84)))
+
+
+@pytest.mark.parametrize("capability, expected", [("default", "plain"), ("avx2", "fma4")])
+def test_other_kernel_builds_are_reproduced_too(fast, capability, expected):
+    """ATen's kernels without FMA (``ATEN_CPU_CAPABILITY=default``: every product and sum rounded)
+    and with AVX2 are told apart at first use and reproduced exactly."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import torch\n"
+        "from qtsplus_vllm import exact_resize\n"
+        "from torchvision.transforms import InterpolationMode, functional as tvf\n"
+        "x = torch.randint(0, 256, (2, 720, 1280, 3), dtype=torch.uint8,\n"
+        "                  generator=torch.Generator().manual_seed(3)).permute(0, 3, 1, 2)\n"
+        "ours = exact_resize.resize_uint8(x, (280, 504))\n"
+        "ref = tvf.resize(x.contiguous(), [280, 504], interpolation=InterpolationMode.BICUBIC, antialias=True)\n"
+        "print(exact_resize.variant(), ours is not None and torch.equal(ours, ref))\n"
+    )
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300, check=True
+    )
+    assert done.stdout.split() == [expected, "True"], done.stderr[-2000:]
