@@ -6,7 +6,9 @@ new:   :func:`qtsplus_vllm.exact_resize.resize_uint8` on the channels-last batch
        values, checked here on every pixel);
 uint8: ATen's uint8 bicubic kernel (torchvision's uint8 fast path), for context only: not the
        reference's values (the differences are reported);
-and, for scale, the decoder thread's conversion of one frame to full-size RGB (swscale, yuv420p).
+and, for scale, the decoder thread's conversion of one frame to full-size RGB (swscale, yuv420p),
+and the streamed preprocessing end to end (``iter_vision_inputs``: resize, normalise, patchify — the
+server's ``preprocess_ms``) per frame, old vs new.
 
 Real decoded frames (H.264, :func:`qtsplus_vllm.testing.make_video`) at 720p and 1080p, resized in
 batches as the plugin does (``resize_batch_for``) to the reference demo's target size; rounds
@@ -19,6 +21,7 @@ shared machine compare the ratios, not the milliseconds.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -39,7 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from qtsplus_vllm import exact_resize  # noqa: E402
-from qtsplus_vllm.streaming import resize_batch_for  # noqa: E402
+from qtsplus_vllm.streaming import iter_vision_inputs, resize_batch_for  # noqa: E402
 from qtsplus_vllm.testing.videos import make_video  # noqa: E402
 from qtsplus_vllm.video import PreprocessConfig, SamplingConfig, decode_video, target_size  # noqa: E402
 
@@ -89,6 +92,16 @@ def measure(x: torch.Tensor, size, threads: int, rounds: int) -> dict:
             start = time.perf_counter()
             fn(x, size)
             times[name].append((time.perf_counter() - start) * 1e3 / x.shape[0])
+    # the streamed path end to end (resize + normalise + patchify, ``preprocess_ms``), old vs new
+    chunk = x.permute(0, 2, 3, 1).numpy()
+    pipeline: dict[str, list[float]] = {"old": [], "new": []}
+    for _ in range(max(3, rounds // 2)):
+        for name in pipeline:
+            timings: dict[str, float] = {}
+            with exact_resize.disabled() if name == "old" else contextlib.nullcontext():
+                for _ in iter_vision_inputs(iter([chunk]), chunk.shape, PreprocessConfig(), timings=timings):
+                    pass
+            pipeline[name].append(timings["preprocess_ms"] / chunk.shape[0])
     reference, fast, approx = old(x, size), new(x, size), uint8_kernel(x, size)
     diff = (approx.int() - reference.int()).abs()
     ms = {name: statistics.median(values) for name, values in times.items()}
@@ -97,6 +110,7 @@ def measure(x: torch.Tensor, size, threads: int, rounds: int) -> dict:
         "batch": int(x.shape[0]),
         "ms_per_frame": {k: round(v, 3) for k, v in ms.items()},
         "old_over_new": round(ms["old"] / ms["new"], 2),
+        "preprocess_ms_per_frame": {k: round(statistics.median(v), 3) for k, v in pipeline.items()},
         "new_bit_identical": bool(torch.equal(fast, reference)),
         "uint8_kernel_differs": {
             "fraction_of_values": round(float((diff > 0).float().mean()), 4),

@@ -33,6 +33,7 @@ runs torchvision. Everything that decides the values is taken from ATen or check
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -273,12 +274,29 @@ def _axis_verified(in_size: int, out_size: int, name: str) -> bool:
     return ok
 
 
+_DISABLED = 0
+
+
+@contextlib.contextmanager
+def disabled():
+    """Within it (process-wide), :func:`resize_uint8` declines and torchvision resizes: for
+    comparisons of the two paths."""
+    global _DISABLED
+    _DISABLED += 1
+    try:
+        yield
+    finally:
+        _DISABLED -= 1
+
+
 def resize_uint8(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor | None:
     """[T, C, H, W] uint8 on the CPU -> [T, C, h, w] uint8, equal to :func:`_reference` (torchvision's
     float bicubic with antialiasing, clamped and rounded half to even); ``None`` where this path does
     not apply, for the caller to run torchvision. Channels-last frames (a permuted [T, H, W, C] array,
     as decoded) are read without a copy."""
     if frames.ndim != 4 or frames.dtype != torch.uint8 or frames.device.type != "cpu" or frames.numel() == 0:
+        return None
+    if _DISABLED:
         return None
     h, w = int(size[0]), int(size[1])
     if h < 1 or w < 1:

@@ -162,6 +162,10 @@ def test_what_the_fast_path_does_not_take_goes_to_torchvision(fast, monkeypatch)
     monkeypatch.setitem(exact_resize._verified, (60, 56), False)
     assert exact_resize.resize_uint8(x, (28, 56)) is None
     assert torch.equal(resize_frames_uint8(x, (28, 56)), reference(x, (28, 56)))
+    # and everything within exact_resize.disabled() (comparisons of the two paths)
+    with exact_resize.disabled():
+        assert exact_resize.resize_uint8(x, (28, 84)) is None
+    assert exact_resize.resize_uint8(x, (28, 84)) is not None
     # so is everything when this torch build is not reproduced
     monkeypatch.setattr(exact_resize, "variant", lambda: None)
     assert exact_resize.resize_uint8(x, (28, 84)) is None
