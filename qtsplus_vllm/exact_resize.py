@@ -234,7 +234,18 @@ def _axis_verified(in_size: int, out_size: int, name: str) -> bool:
     with _verified_lock:
         if key in _verified:
             return _verified[key]
-    table = axis_table(in_size, out_size)
+    try:
+        table = axis_table(in_size, out_size)
+    except AssertionError as err:  # ATen's weights outside the windows computed for them
+        logger.warning(
+            "the fast exact resize cannot resize %d -> %d (%s): torchvision resizes it",
+            in_size,
+            out_size,
+            err,
+        )
+        with _verified_lock:
+            _verified[key] = False
+        return False
     plain = table.plain_steps(name)
     gen = torch.Generator().manual_seed(in_size * 7919 + out_size)
     rows = torch.randint(0, 256, (1, 4, in_size, 3), dtype=torch.uint8, generator=gen)
