@@ -5,7 +5,7 @@ BICUBIC, antialias=True)`` on uint8 frames: torchvision converts them to float32
 antialiased kernel (``separable_upsample_generic_Nd_kernel_impl``, ``aten/src/ATen/native/cpu/
 UpSampleKernel.cpp``) resamples the last dimension (width) and then the one before (height), and the
 result is clamped to [0, 255] and rounded half to even (``torch.round``) back to uint8. ATen's float
-kernel is scalar and walks a TensorIterator per output value: about 10 ms of one core per 720p frame.
+kernel is scalar and walks a TensorIterator per output value: tens of ms of one core per 720p frame.
 
 This module computes the same values with two banded passes compiled by numba (which vLLM itself
 depends on), vectorised across rows; :func:`resize_uint8` returns ``None`` where it does not apply
