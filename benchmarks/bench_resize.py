@@ -12,8 +12,8 @@ server's ``preprocess_ms``) per frame, old vs new.
 
 Real decoded frames (H.264, :func:`qtsplus_vllm.testing.make_video`) at 720p and 1080p, resized in
 batches as the plugin does (``resize_batch_for``) to the reference demo's target size; rounds
-interleaved, medians of wall time per frame, at 1 thread and at torch's default thread count. On a
-shared machine compare the ratios, not the milliseconds.
+interleaved, medians of wall time and of CPU time (all threads) per frame, at 1 thread and at torch's
+default thread count. On a shared machine compare the ratios, not the milliseconds.
 
     python benchmarks/bench_resize.py            # writes benchmarks/results/resize/resize-<date>.json
 """
@@ -87,15 +87,17 @@ def measure(x: torch.Tensor, size, threads: int, rounds: int) -> dict:
     for fn in methods.values():  # warm up (tables, compiled kernels)
         fn(x, size)
     times: dict[str, list[float]] = {name: [] for name in methods}
+    cpu: dict[str, list[float]] = {name: [] for name in methods}
     for _ in range(rounds):
         for name, fn in methods.items():
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             fn(x, size)
             times[name].append((time.perf_counter() - start) * 1e3 / x.shape[0])
+            cpu[name].append((time.process_time() - start_cpu) * 1e3 / x.shape[0])
     # the streamed path end to end (resize + normalise + patchify, ``preprocess_ms``), old vs new
     chunk = x.permute(0, 2, 3, 1).numpy()
     pipeline: dict[str, list[float]] = {"old": [], "new": []}
-    for _ in range(max(3, rounds // 2)):
+    for _ in range(rounds):
         for name in pipeline:
             timings: dict[str, float] = {}
             with exact_resize.disabled() if name == "old" else contextlib.nullcontext():
@@ -110,6 +112,8 @@ def measure(x: torch.Tensor, size, threads: int, rounds: int) -> dict:
         "batch": int(x.shape[0]),
         "ms_per_frame": {k: round(v, 3) for k, v in ms.items()},
         "old_over_new": round(ms["old"] / ms["new"], 2),
+        "cpu_ms_per_frame": {k: round(statistics.median(v), 3) for k, v in cpu.items()},
+        "cpu_old_over_new": round(statistics.median(cpu["old"]) / statistics.median(cpu["new"]), 2),
         "preprocess_ms_per_frame": {k: round(statistics.median(v), 3) for k, v in pipeline.items()},
         "new_bit_identical": bool(torch.equal(fast, reference)),
         "uint8_kernel_differs": {
