@@ -208,3 +208,21 @@ def test_many_size_pairs_are_exact(fast):
         ours = exact_resize.resize_uint8(x, size)
         assert ours is not None, f"{source} -> {size}: not taken by the fast path"
         assert torch.equal(ours, reference(x.contiguous(), size)), f"{source} -> {size}"
+
+
+def test_the_oracle_selects_and_answers_the_same(fast, tmp_path):
+    """The eager oracle (ReferencePipeline, tiny checkpoint) on a real 720p clip: the same kept tokens,
+    the same selected rows and the same answer with the fast resize as with torchvision's."""
+    from qtsplus_vllm.reference import ReferencePipeline
+    from qtsplus_vllm.testing import write_tiny_checkpoint
+
+    model = write_tiny_checkpoint(tmp_path / "model", seed=3)
+    video = make_video(tmp_path / "clip.mp4", frames=8, size=(1280, 720), fps=4.0, seed=7)
+    pipeline = ReferencePipeline(model)
+    question = "What is moving in the video?"
+    fast_answer = pipeline.answer(video, question, max_new_tokens=6)
+    with exact_resize.disabled():
+        slow_answer = pipeline.answer(video, question, max_new_tokens=6)
+    assert torch.equal(fast_answer.selection.indices, slow_answer.selection.indices)
+    assert torch.equal(fast_answer.selection.embeds, slow_answer.selection.embeds)
+    assert fast_answer.token_ids == slow_answer.token_ids
