@@ -160,8 +160,9 @@ def _pool(workers: int) -> ThreadPoolExecutor:
 def _resize_nhwc(
     frames: np.ndarray, size: tuple[int, int], variant: str, threads: int | None = None
 ) -> np.ndarray:
-    """uint8 [T, H, W, C] (C-contiguous) -> uint8 [T, C, h, w]: both passes, no checks; the frames are
-    split over ``threads`` threads (default: torch's intra-op thread count)."""
+    """uint8 [T, H, W, C] (C-contiguous) -> uint8 [T, C, h, w]: both passes, no checks, on ``threads``
+    threads (default: torch's intra-op thread count): whole frames each when they divide evenly,
+    otherwise bands of rows of every frame, the width pass's then the height pass's."""
     t, height, width, nc = frames.shape
     h, w = size
     across, down = axis_table(width, w), axis_table(height, h)
@@ -174,13 +175,31 @@ def _resize_nhwc(
         width_pass(frames[first:last], across.starts, across.sizes, across_plain, across.weights, tmp)
         height_pass(tmp, down.starts, down.sizes, down_plain, down.weights, out[first:last])
 
-    threads = min(t, max(1, threads if threads is not None else torch.get_num_threads()))
+    threads = max(1, threads if threads is not None else torch.get_num_threads())
     if threads == 1:
         run(0, t)
         return out
-    bounds = np.linspace(0, t, threads + 1).round().astype(int)
-    for job in [_pool(threads).submit(run, a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]:
-        job.result()
+    pool = _pool(threads)
+    if t % threads == 0:
+        per = t // threads
+        for job in [pool.submit(run, i, i + per) for i in range(0, t, per)]:
+            job.result()
+        return out
+    tmp = np.empty((t, height, w, nc), np.float32)
+
+    def across_band(i: int, y0: int, y1: int) -> None:
+        src, dst = frames[i : i + 1, y0:y1], tmp[i : i + 1, y0:y1]
+        width_pass(src, across.starts, across.sizes, across_plain, across.weights, dst)
+
+    def down_band(i: int, r0: int, r1: int) -> None:
+        table = down.starts[r0:r1], down.sizes[r0:r1], down_plain[r0:r1], down.weights[r0:r1]
+        height_pass(tmp[i : i + 1], *table, out[i : i + 1, :, r0:r1])
+
+    for band, rows in ((across_band, height), (down_band, h)):  # every width band before any height band
+        cuts = np.linspace(0, rows, threads + 1).round().astype(int)
+        spans = [(a, b) for a, b in zip(cuts[:-1], cuts[1:], strict=True) if b > a]
+        for job in [pool.submit(band, i, a, b) for i in range(t) for a, b in spans]:
+            job.result()
     return out
 
 

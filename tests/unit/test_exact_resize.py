@@ -113,6 +113,10 @@ def test_random_frames_are_resized_exactly_as_the_reference(fast, source, size):
     for x in (nhwc.permute(0, 3, 1, 2), nhwc.permute(0, 3, 1, 2).contiguous()):
         ours = exact_resize.resize_uint8(x, size)
         assert ours is not None and torch.equal(ours, expected)
+    # split over threads: by frames (3 = 3·1) or by bands of rows (2, 4)
+    for threads in (2, 3, 4):
+        ours = exact_resize._resize_nhwc(nhwc.numpy(), size, fast, threads)
+        assert torch.equal(torch.from_numpy(ours), expected)
 
 
 def test_extreme_values_round_like_the_reference(fast):
