@@ -29,6 +29,7 @@ from qwen_vl_utils import vision_process as qwen_vl
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as tvf
 
+from . import exact_resize
 from .limits import Limits
 
 _FFMPEG_ERROR = av.FFmpegError  # bound here: a generator closed at interpreter exit still finds it
@@ -554,8 +555,18 @@ def resize_frames_uint8(frames: torch.Tensor, size: tuple[int, int]) -> torch.Te
 
     torchvision resizes a uint8 tensor in float32 and rounds the result back to uint8, as
     qwen-vl-utils' ``fetch_video`` does before its ``.float()``: these values, kept as uint8.
+    On the CPU they are computed by :func:`~qtsplus_vllm.exact_resize.resize_uint8` (the same values,
+    several times faster; channels-last frames are read without a copy); torchvision where it does
+    not apply (other devices, no numba, a torch build whose arithmetic it does not reproduce).
     """
-    return tvf.resize(frames, list(size), interpolation=InterpolationMode.BICUBIC, antialias=True)
+    fast = exact_resize.resize_uint8(frames, size)
+    if fast is not None:
+        return fast
+    # contiguous NCHW: torch's kernel then reads and writes without the copies a channels-last view
+    # costs (~30 % of its time); same values
+    return tvf.resize(
+        frames.contiguous(), list(size), interpolation=InterpolationMode.BICUBIC, antialias=True
+    )
 
 
 def resize_frames(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
