@@ -647,11 +647,13 @@ def get_runtime(
 ) -> SelectionRuntime:
     """The process-global runtime for this checkpoint (a directory or a Hub repo id), device and dtype.
 
-    Loaded on first use. A load that fails for lack of memory, or for a device failure, raises
-    :class:`SelectionUnavailable` (HTTP 503); the failure is remembered for
-    ``QTSPLUS_RUNTIME_RETRY_SECONDS`` so that a stream of requests does not reload the checkpoint
-    once each.
+    Loaded on first use. A load that fails for lack of memory raises :class:`SelectionUnavailable`
+    (HTTP 503); the failure is remembered for ``QTSPLUS_RUNTIME_RETRY_SECONDS`` so that a stream of
+    requests does not reload the checkpoint once each. A sticky device error while loading poisons
+    the process's CUDA context like one while selecting (:func:`report_device_failure`): the runtime
+    is dead for this process (``/health`` 503, every selection 503, no retry).
     """
+    global _DEVICE_FAILURE
     if _DEVICE_FAILURE is not None:
         raise SelectionUnavailable(
             f"the selection device failed earlier ({_DEVICE_FAILURE.splitlines()[0]}); "
@@ -673,7 +675,13 @@ def get_runtime(
             _FAILED_LOADS.pop(key, None)
             return runtime
         except (RuntimeError, MemoryError) as err:
-            if not (out_of_memory(err) or sticky_device_error(err)):
+            if sticky_device_error(err):  # the CUDA context is poisoned: a retry cannot succeed
+                _DEVICE_FAILURE = f"{device} (while loading the selection runtime): {err}"
+                raise SelectionUnavailable(
+                    f"the selection device failed while loading the runtime ({str(err).splitlines()[0]}); "
+                    "this server must be restarted"
+                ) from None
+            if not out_of_memory(err):
                 raise
             reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
             _FAILED_LOADS[key] = (time.monotonic(), reason)
