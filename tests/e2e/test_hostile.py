@@ -287,6 +287,24 @@ def test_bad_request_is_refused_and_nobody_else_is_affected(
 
 
 @pytest.mark.parametrize(
+    "video",
+    [lambda: hostile.many_tiny_static_frames(2900, (160, 120)), hostile.huge_static_frames],
+    ids=["many-tiny-static-frames", "huge-static-frames"],
+)
+def test_decode_work_over_the_budget_is_refused_at_once(http, server, good_request, video):
+    """Kilobytes that would cost seconds to minutes of decoding: refused from the demux count, before
+    any frame is decoded (the whole request, HTTP included, well within a second or two)."""
+    payload = {**body(data_url(video())), "model": good_request["model"]}
+    start = time.monotonic()
+    response = post(http, payload)
+    elapsed = time.monotonic() - start
+    assert response.status_code == 413, response.text[:500]
+    assert "QTSPLUS_MAX_DECODE_WORK" in response.json()["error"]["message"]
+    assert elapsed < 2.0, elapsed
+    assert http.get(server.url_for("health")).status_code == 200
+
+
+@pytest.mark.parametrize(
     "name,video",
     [
         ("one-frame", lambda: hostile.flat_video(1, (48, 32))),
