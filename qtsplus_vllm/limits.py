@@ -24,6 +24,17 @@ QTSPLUS_DECODE_MAX_PIXELS       frames larger than this are scaled down while th
                                 are decoded, before the exact resize (bounds the     (4 × 768 · 28²)
                                 API server's memory for the kept frames; JPEG
                                 frames of a ``data:video/jpeg`` list too)
+QTSPLUS_MAX_DECODE_WORK         decoding work of one pass over a video: source        derived:
+                                frames × pixels per frame (a frame counts at least   432000 ×
+                                128² pixels: FFmpeg's per-frame cost), from the      4096²
+                                header and the demux count before decoding, then      (see below)
+                                counted frame by frame while demuxing and decoding
+                                (each frame at its decoded size) and per frame of
+                                a ``data:video/jpeg`` list
+QTSPLUS_DECODE_TIMEOUT_SECONDS  wall-clock time of one pass over a video (the demux  600
+                                count, a decode; checked at every frame; time the
+                                consumer of the frames takes is not counted): over
+                                it → HTTP 504 naming the variable
 QTSPLUS_MAX_VIT_PATCHES         ViT patches of one video after resizing (memory of   396288
                                 the selection runtime), before preprocessing
 QTSPLUS_MAX_QUESTION_TOKENS     tokens of the question given to the selector         512
@@ -32,6 +43,13 @@ QTSPLUS_FETCH_DEADLINE_SECONDS  wall-clock time of one ``http(s)`` video downloa
                                 body however slowly it trickles (over it → HTTP 504;
                                 see ``serving/media.py``)
 ==============================  ===================================================  ==============
+
+``QTSPLUS_MAX_DECODE_WORK`` defaults to ``QTSPLUS_MAX_SOURCE_FRAMES`` ×
+``QTSPLUS_MAX_FRAME_PIXELS`` (at least 128² per frame) of the effective limits: every video the other
+limits admit passes, and lowering it bounds what one request may cost to decode, whatever its file
+size (decode cost is frames × pixels, not bytes: 1,200 static 1080p60 frames are 26 kB and ~2 s of
+decoding). It also stops a stream whose frames turn out larger, or more numerous, than its header
+said. ``QTSPLUS_DECODE_TIMEOUT_SECONDS`` is the wall-clock second line (HTTP 504).
 
 A request over a limit gets HTTP 413 with a message that names the limit, the value and the
 variable. A value that is not a positive number, or a ``QTSPLUS_MAX_FRAMES`` under 2, raises
@@ -49,8 +67,11 @@ recomputes it over every frame size).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from http import HTTPStatus
 
@@ -59,6 +80,10 @@ MIN_KEPT_FRAMES = 2  # a video is at least one temporal patch (qwen-vl-utils' FR
 # ViT patches of the largest video the reference settings make (fps 1, 768 frames, max_pixels
 # 360×420, min_pixels 128·28², aspect ratio up to 200:1): see the module docstring
 REFERENCE_WORST_CASE_VIT_PATCHES = 396_288
+# The least decode work a frame counts for: FFmpeg spends ~0.02 ms on any frame, as much as on
+# ~20,000 pixels of a large one (~1 ns per pixel; measured with H.264 on 2 cores: 16×16 0.022 ms,
+# 64×64 0.026 ms, 1920×1080 1.97 ms per frame), so many tiny frames are not free.
+MIN_FRAME_WORK_PIXELS = 128 * 128
 
 
 class RequestError(ValueError):
@@ -95,6 +120,66 @@ def _number(value: float) -> str:
     return f"{value:,.6g}"
 
 
+class DecodeTimeout(LimitExceeded):
+    """A pass over a video took longer than ``QTSPLUS_DECODE_TIMEOUT_SECONDS`` (HTTP 504)."""
+
+    http_status = HTTPStatus.GATEWAY_TIMEOUT
+
+    def __init__(self, elapsed: float, limit: float, variable: str, frames: int):
+        took = f"{elapsed:.1f}" if elapsed >= 1 else f"{elapsed:.3f}"
+        RequestError.__init__(
+            self,
+            f"decoding the video took {took} s ({frames:,} frames read), over the limit of "
+            f"{_number(limit)} s (server setting {variable}); the decoder stopped there",
+        )
+        self.variable = variable
+        self.value = elapsed
+        self.limit = limit
+
+
+class DecodeMeter:
+    """One pass over a video's frames (a demux count or a decode), checked frame by frame against
+    ``QTSPLUS_MAX_DECODE_WORK`` (413) and ``QTSPLUS_DECODE_TIMEOUT_SECONDS`` (504).
+
+    Call :meth:`frame` with each frame's size (the decoded frame's own, or the header's while
+    demuxing) before the work on the next one: the pass stops within one frame of crossing either.
+    The time counted is the pass's own: a decoder that hands its frames to a consumer (the ViT of
+    the streamed path) calls :meth:`paused` around each hand-over, whose wait does not count.
+    """
+
+    def __init__(self, limits: Limits):
+        self.limits = limits
+        self.frames = 0
+        self.work = 0
+        self.started = time.monotonic()
+        self.paused_s = 0.0
+
+    def elapsed(self) -> float:
+        """Seconds the pass has run, time in :meth:`paused` excluded."""
+        return time.monotonic() - self.started - self.paused_s
+
+    def frame(self, width: int, height: int) -> None:
+        self.frames += 1
+        self.work += self.limits.frame_work(width, height)
+        if self.work > self.limits.decode_work_limit:
+            raise self.limits.decode_work_exceeded(self.work)
+        elapsed = self.elapsed()
+        if elapsed > self.limits.decode_timeout_seconds:
+            limits = self.limits
+            raise DecodeTimeout(
+                elapsed, limits.decode_timeout_seconds, limits.variable("decode_timeout_seconds"), self.frames
+            )
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """The block's time does not count (the consumer has the frame)."""
+        clock = time.monotonic()
+        try:
+            yield
+        finally:
+            self.paused_s += time.monotonic() - clock
+
+
 class SelectionUnavailable(RuntimeError):
     """The selection runtime could not serve this request now (out of memory, for instance)."""
 
@@ -112,10 +197,15 @@ class Limits:
     max_vit_patches: int = 396_288  # REFERENCE_WORST_CASE_VIT_PATCHES
     max_question_tokens: int = 512
     fetch_deadline_seconds: float = 120.0
+    # None: max_source_frames × max(max_frame_pixels, MIN_FRAME_WORK_PIXELS) (the module docstring)
+    max_decode_work: int | None = None
+    decode_timeout_seconds: float = 600.0
 
     def __post_init__(self):
         for f in fields(self):
             value = getattr(self, f.name)
+            if value is None and f.name == "max_decode_work":
+                continue  # derived: decode_work_limit
             if not value > 0:
                 raise ValueError(f"{self.variable(f.name)}={value!r} must be positive")
         if self.max_frames < MIN_KEPT_FRAMES:
@@ -123,6 +213,14 @@ class Limits:
                 f"{self.variable('max_frames')}={self.max_frames} is too small: every video keeps at least "
                 f"{MIN_KEPT_FRAMES} frames (one temporal patch of the ViT), so no video request could be served"
             )
+
+    @property
+    def decode_work_limit(self) -> int:
+        """``max_decode_work``, or by default ``max_source_frames`` × ``max_frame_pixels`` (at least
+        :data:`MIN_FRAME_WORK_PIXELS` per frame): every video the other limits admit."""
+        if self.max_decode_work is not None:
+            return self.max_decode_work
+        return self.max_source_frames * max(self.max_frame_pixels, MIN_FRAME_WORK_PIXELS)
 
     @staticmethod
     def variable(name: str) -> str:
@@ -172,6 +270,39 @@ class Limits:
                 self.variable("max_source_frames"),
                 hint="the decoder reads every frame of the source",
             )
+        if frames is not None:
+            self.check_decode_work(frames, width, height)
+
+    def frame_work(self, width: int, height: int) -> int:
+        """The decode work one frame of ``width`` × ``height`` counts for (at least 128² pixels)."""
+        return max(width * height, MIN_FRAME_WORK_PIXELS)
+
+    def check_decode_work(self, frames: int, width: int, height: int) -> None:
+        """Decode work of ``frames`` frames of ``width`` × ``height`` (the header's or the demux count)."""
+        work = frames * self.frame_work(width, height)
+        if work > self.decode_work_limit:
+            raise LimitExceeded(
+                f"the video's decode work ({frames:,} source frames of {width}x{height}, in pixels)",
+                work,
+                self.decode_work_limit,
+                self.variable("max_decode_work"),
+                hint="the decoder reads every frame of the source at its full size",
+            )
+
+    def decode_work_exceeded(self, work: int) -> LimitExceeded:
+        """The error for a pass found, frame by frame, to cost more than the decode-work limit."""
+        return LimitExceeded(
+            "the video's decode work in pixels, counted while reading it,",
+            work,
+            self.decode_work_limit,
+            self.variable("max_decode_work"),
+            hint="the decoder stopped there",
+            at_least=True,
+        )
+
+    def decode_meter(self) -> DecodeMeter:
+        """A :class:`DecodeMeter` for one pass over a video, starting now."""
+        return DecodeMeter(self)
 
     def check_frame_size(self, width: int, height: int, what: str = "the frame size") -> None:
         if width * height > self.max_frame_pixels:

@@ -11,7 +11,9 @@ patchified on the runtime's device.
 Device: ``QTSPLUS_DEVICE`` (e.g. ``cuda:1``), else the first CUDA device when there is one, else
 the CPU. On the CPU the runtime uses ``QTSPLUS_CPU_THREADS`` torch threads (default: all cores):
 vLLM runs multimodal processing under ``OMP_NUM_THREADS`` threads (1 when unset), which would leave
-the ViT single-threaded while an engine-side ViT gets every core.
+the ViT single-threaded while an engine-side ViT gets every core. One core fewer while a decoder
+runs next to the ViT — the processor's own stream, or the media loader decoding other videos ahead
+(:func:`vit_threads`) — so that torch's threads do not spin against it.
 
 ViT features are kept in a :class:`~qtsplus_vllm.feature_cache.FeatureCache` keyed by the video
 (its encoded bytes and sampling plan, or the decoded frames of an eager item) and the preprocessing
@@ -125,6 +127,18 @@ def parse_device(name: str, setting: str) -> torch.device:
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"{setting}: {name!r} is neither cpu nor cuda[:N]")
     return device
+
+
+def vit_threads() -> int:
+    """Torch threads for the CPU ViT of frames decoded elsewhere (prepared ahead, or eager frames).
+
+    :func:`cpu_threads`, less one core while the media loader is decoding other videos ahead
+    (:func:`videos_preparing`): the same rule as the streamed path, whose own decoder runs next to
+    the ViT. All cores for the ViT oversubscribe them, and torch's OpenMP threads spin against the
+    decoders (measured on 2 cores: the ViT several times slower).
+    """
+    threads = cpu_threads()
+    return max(1, threads - 1) if videos_preparing() > 0 else threads
 
 
 @contextlib.contextmanager
@@ -403,7 +417,21 @@ class SelectionRuntime:
             *video.shape[1:3], stream_chunk_frames(), _patches_per_frame(video.shape, preprocess)
         )
         inputs = prepared_vision_inputs(prepared, preprocess, chunk, self.device, self.dtype, timings)
-        return self._encode_inputs(inputs, video.shape, preprocess, timings)
+        return self._encode_inputs(self._beside_decoders(inputs), video.shape, preprocess, timings)
+
+    def _beside_decoders(self, inputs: Iterator) -> Iterator:
+        """``inputs``, with the CPU torch threads set by :func:`vit_threads` before each chunk (its
+        preprocessing and its ViT pass): a core is left to the loader's decoders while any run."""
+        if self.device.type != "cpu":
+            yield from inputs
+            return
+        while True:
+            torch.set_num_threads(vit_threads())  # select() restores the caller's setting
+            try:
+                item = next(inputs)
+            except StopIteration:
+                return
+            yield item
 
     def _encode(self, frames, preprocess: PreprocessConfig, timings: dict[str, float]) -> CachedFeatures:
         chunk = stream_chunk_frames()
@@ -422,7 +450,10 @@ class SelectionRuntime:
         if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
             raise ValueError(f"frames must be uint8 [T, H, W, 3], got {frames.dtype} {list(frames.shape)}")
         chunk = chunk_frames_for(*frames.shape[1:3], chunk, _patches_per_frame(frames.shape, preprocess))
-        return self._encode_chunks(frame_chunks(frames, chunk), frames.shape, preprocess, timings)
+        inputs = iter_vision_inputs(
+            frame_chunks(frames, chunk), frames.shape, preprocess, self.device, self.dtype, timings
+        )
+        return self._encode_inputs(self._beside_decoders(inputs), frames.shape, preprocess, timings)
 
     def _encode_stream(
         self, video: LazyVideo, chunk: int, preprocess: PreprocessConfig, timings: dict[str, float]
@@ -510,6 +541,7 @@ class SelectionRuntime:
 PREPARE_ENV = "QTSPLUS_PREPARE_IN_LOADER"
 _LOADER_PREPROCESS: PreprocessConfig | None = None
 _IN_FLIGHT = 0  # videos our loader returned that are still alive (loading, queued or being encoded)
+_PREPARING = 0  # videos being decoded and resized ahead in the loader right now
 _IN_FLIGHT_LOCK = threading.Lock()
 
 
@@ -562,6 +594,25 @@ def videos_in_flight() -> int:
         return _IN_FLIGHT
 
 
+@contextlib.contextmanager
+def preparing_video() -> Iterator[None]:
+    """Count the block as a video being decoded ahead (:func:`videos_preparing`)."""
+    global _PREPARING
+    with _IN_FLIGHT_LOCK:
+        _PREPARING += 1
+    try:
+        yield
+    finally:
+        with _IN_FLIGHT_LOCK:
+            _PREPARING -= 1
+
+
+def videos_preparing() -> int:
+    """Videos the media loader is decoding and resizing ahead right now (in vLLM's media threads)."""
+    with _IN_FLIGHT_LOCK:
+        return _PREPARING
+
+
 def should_prepare(others_in_flight: int) -> bool:
     """Whether the loader decodes a video ahead, given the other videos in flight (:func:`prepare_mode`)."""
     mode = prepare_mode()
@@ -610,7 +661,8 @@ def prepare_video(video: LazyVideo, preprocess: PreprocessConfig | None = None) 
             return None
     device = runtime.device if runtime is not None else default_device()
     try:
-        return prepare_frames(video, preprocess, device)
+        with preparing_video():
+            return prepare_frames(video, preprocess, device)
     except (RuntimeError, MemoryError) as err:
         if not (out_of_memory(err) or sticky_device_error(err)):
             raise
@@ -636,11 +688,13 @@ def get_runtime(
 ) -> SelectionRuntime:
     """The process-global runtime for this checkpoint (a directory or a Hub repo id), device and dtype.
 
-    Loaded on first use. A load that fails for lack of memory, or for a device failure, raises
-    :class:`SelectionUnavailable` (HTTP 503); the failure is remembered for
-    ``QTSPLUS_RUNTIME_RETRY_SECONDS`` so that a stream of requests does not reload the checkpoint
-    once each.
+    Loaded on first use. A load that fails for lack of memory raises :class:`SelectionUnavailable`
+    (HTTP 503); the failure is remembered for ``QTSPLUS_RUNTIME_RETRY_SECONDS`` so that a stream of
+    requests does not reload the checkpoint once each. A sticky device error while loading poisons
+    the process's CUDA context like one while selecting (:func:`report_device_failure`): the runtime
+    is dead for this process (``/health`` 503, every selection 503, no retry).
     """
+    global _DEVICE_FAILURE
     if _DEVICE_FAILURE is not None:
         raise SelectionUnavailable(
             f"the selection device failed earlier ({_DEVICE_FAILURE.splitlines()[0]}); "
@@ -662,7 +716,13 @@ def get_runtime(
             _FAILED_LOADS.pop(key, None)
             return runtime
         except (RuntimeError, MemoryError) as err:
-            if not (out_of_memory(err) or sticky_device_error(err)):
+            if sticky_device_error(err):  # the CUDA context is poisoned: a retry cannot succeed
+                _DEVICE_FAILURE = f"{device} (while loading the selection runtime): {err}"
+                raise SelectionUnavailable(
+                    f"the selection device failed while loading the runtime ({str(err).splitlines()[0]}); "
+                    "this server must be restarted"
+                ) from None
+            if not out_of_memory(err):
                 raise
             reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
             _FAILED_LOADS[key] = (time.monotonic(), reason)

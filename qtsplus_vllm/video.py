@@ -15,6 +15,7 @@ Defaults are the reference demo's: fps 1.0, at most 768 frames, max_pixels 360×
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import math
@@ -187,16 +188,13 @@ def _open(source: str | os.PathLike | bytes | np.ndarray | memoryview):
 def _count_frames(container, stream, limits: Limits | None = None) -> int:
     """Frames in the stream: from the header when it says, else by demuxing (no decoding).
 
-    Demuxing stops as soon as the count passes ``limits.max_source_frames``.
+    Demuxing stops as soon as the count passes ``limits.max_source_frames``, the decode work that
+    many frames of the header's size would cost passes ``limits.max_decode_work``, or the pass
+    takes longer than ``limits.decode_timeout_seconds``.
     """
     if stream.frames > 0:
         return int(stream.frames)
-    count = 0
-    for packet in container.demux(stream):
-        if packet.size > 0:
-            count += 1
-            if limits is not None and count > limits.max_source_frames:
-                raise limits.source_frames_exceeded(None)
+    count = _demux_count(container, stream, limits, None)
     container.seek(0)
     return count
 
@@ -241,22 +239,27 @@ def _iter_sampled(
     Decoding goes on to the end of the stream (the frame count is checked against the plan); the
     number of frames decoded is left in ``count[0]``. With ``limits``, decoding stops as soon as the
     count passes ``limits.max_source_frames`` (a header that understates the count, ``claimed``,
-    must not make the decoder walk the whole file).
+    must not make the decoder walk the whole file), as soon as the decoded frames — each at its own
+    size, whatever the header said — pass ``limits.max_decode_work``, and at the first frame after
+    ``limits.decode_timeout_seconds`` of decoding (the consumer's time between frames excluded;
+    :class:`~qtsplus_vllm.limits.DecodeMeter`).
     """
     wanted_set, index = set(wanted), -1
     width, height = size
     stop = limits.max_source_frames if limits is not None else None
+    meter = limits.decode_meter() if limits is not None else None
     for index, frame in enumerate(container.decode(stream)):
         if stop is not None and index >= stop:
             raise limits.source_frames_exceeded(claimed)
+        if meter is not None:
+            meter.frame(frame.width, frame.height)
         if index in wanted_set:
             if (frame.width, frame.height) == size:
-                yield index, frame.to_ndarray(format="rgb24")
+                array = frame.to_ndarray(format="rgb24")
             else:
-                yield (
-                    index,
-                    frame.to_ndarray(format="rgb24", width=width, height=height, interpolation="AREA"),
-                )
+                array = frame.to_ndarray(format="rgb24", width=width, height=height, interpolation="AREA")
+            with meter.paused() if meter is not None else contextlib.nullcontext():
+                yield index, array  # the consumer's time with the frame is not the decoder's
     if count is not None:
         count[:] = [index + 1]
 
@@ -406,14 +409,20 @@ class VideoPlan:
 
 
 def _demux_count(container, stream, limits: Limits | None, claimed: int | None) -> int:
-    """Packets with data in the stream (one per frame), stopping as soon as the count passes the limit."""
+    """Packets with data in the stream (one per frame), stopping as soon as the count passes the
+    frame limit, the decode work of that many frames at the header's size passes the decode-work
+    limit, or the pass takes longer than the decode deadline."""
     count = 0
     stop = limits.max_source_frames if limits is not None else None
+    meter = limits.decode_meter() if limits is not None else None
+    width, height = stream.codec_context.width, stream.codec_context.height
     for packet in container.demux(stream):
         if packet.size > 0:
             count += 1
             if stop is not None and count > stop:
                 raise limits.source_frames_exceeded(claimed)
+            if meter is not None:
+                meter.frame(width, height)
     return count
 
 

@@ -38,7 +38,7 @@ from pydantic import BaseModel, model_validator
 
 from ..runtime import VideoSelection, get_runtime
 from .compat import build_chat_params
-from .processor import _as_frames, _report, _select, selection_inputs
+from .processor import _as_frames, _report, _select, load_runtime, selection_inputs
 
 ROUTE = "/v1/qtsplus/selection"
 PAGE_ROUTE = "/qtsplus"
@@ -248,9 +248,7 @@ class SelectionInspector:
         question_ids, options = selection_inputs(
             prompt_ids, tokenizer, self.model_config.multimodal_config, body.mm_processor_kwargs or {}
         )
-        runtime = get_runtime(
-            self.model_config.model, self.model_config.dtype, revision=self.model_config.revision
-        )
+        runtime = load_runtime(get_runtime, self.model_config)  # a runtime that cannot serve: 503
         selection = _select(runtime, frames, question_ids, options)
         _report("video", selection, runtime.feature_cache.stats())  # the operator's log line and metrics
         return tokenizer.decode(question_ids), selection

@@ -79,7 +79,7 @@ from vllm.multimodal.media import MEDIA_CONNECTOR_REGISTRY, MediaConnector, Medi
 from vllm.multimodal.media.image import ImageMediaIO
 from vllm.multimodal.media.video import VideoMediaIO
 
-from ..limits import LimitExceeded, RequestError, server_limits
+from ..limits import DecodeMeter, LimitExceeded, RequestError, server_limits
 from ..video import decode_size
 from . import compat
 from .errors import QTSplusHTTPError, as_http_error
@@ -223,6 +223,14 @@ class LimitedVideoMediaIO(VideoMediaIO):
                         "the video/jpeg frame count", frames, limits.max_frames, limits.variable("max_frames")
                     )
                 )
+            # one pass over the list: each frame's decode work and the deadline, checked frame by frame
+            image_io = getattr(self, "image_io", None)
+            if isinstance(image_io, _LimitedFrameIO):
+                image_io.meter = limits.decode_meter()
+                try:
+                    return super().load_base64(media_type, data)
+                finally:
+                    image_io.meter = None
         return super().load_base64(media_type, data)
 
     def load_file(self, filepath: Path):
@@ -356,8 +364,12 @@ class _LimitedFrameIO(ImageMediaIO):
     Each frame's size comes from its header (PIL reads only the header on open): over
     ``QTSPLUS_MAX_FRAME_PIXELS`` → 413 before decoding; over ``QTSPLUS_DECODE_MAX_PIXELS`` → the
     frame is decoded scaled down (JPEG's DCT scaling via ``draft``, then an area filter to the size
-    a video stream's frame would get), so no full-size frame list is ever held.
+    a video stream's frame would get), so no full-size frame list is ever held. Within one list,
+    the frames' decode work and time count against ``QTSPLUS_MAX_DECODE_WORK`` and
+    ``QTSPLUS_DECODE_TIMEOUT_SECONDS`` (``meter``, set by :class:`LimitedVideoMediaIO`).
     """
+
+    meter: DecodeMeter | None = None
 
     def load_bytes(self, data: bytes):
         limits = server_limits()
@@ -379,6 +391,8 @@ class _LimitedFrameIO(ImageMediaIO):
             width, height = probe.size
             try:
                 limits.check_frame_size(width, height, "a video/jpeg frame's size")
+                if self.meter is not None:
+                    self.meter.frame(width, height)
             except LimitExceeded as err:
                 raise as_http_error(err) from err
             if width * height > limits.decode_max_pixels:

@@ -174,6 +174,16 @@ def _select(runtime, frames: np.ndarray, question_ids: list[int], options: Selec
     raise as_http_error(unavailable)
 
 
+def load_runtime(get, model_config):
+    """``get(model, dtype, revision=...)`` (:func:`~qtsplus_vllm.runtime.get_runtime`) for this model,
+    with a runtime that cannot serve — a failed load, a device that failed — as the request's 503
+    and its message (raised bare, vLLM would answer 500 while ``/health`` says 503)."""
+    try:
+        return get(model_config.model, model_config.dtype, revision=model_config.revision)
+    except SelectionUnavailable as err:
+        raise as_http_error(err) from None
+
+
 def selection_inputs(
     prompt_ids: list[int], tokenizer, mm_config, request_kwargs: Mapping[str, object]
 ) -> tuple[list[int], SelectionOptions]:
@@ -280,7 +290,7 @@ class QTSplusMultiModalProcessor(BaseMultiModalProcessor[QTSplusProcessingInfo])
 
     def _runtime(self):
         model_config = self.info.ctx.model_config
-        return get_runtime(model_config.model, model_config.dtype, revision=model_config.revision)
+        return load_runtime(get_runtime, model_config)
 
     def _apply_hf_processor_main(
         self, mm_items: MultiModalDataItems, hf_kwargs: Mapping[str, object]

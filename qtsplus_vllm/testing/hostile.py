@@ -52,6 +52,27 @@ def flat_video(frames: int, size: tuple[int, int], fps: float = 4.0, codec: str 
     )
 
 
+def static_video(frames: int, size: tuple[int, int], fps: float = 60.0) -> bytes:
+    """``frames`` identical frames of ``size`` (width, height, both even) as H.264: after the first
+    frame each is a few bytes, so the file says nothing of the decoding it costs (frames × pixels)."""
+    width, height = size
+    frame = np.full((height, width, 3), 96, dtype=np.uint8)
+    return encode_frames(
+        [frame] * frames, fps=fps, codec="libx264", container_format="mp4", pix_fmt="yuv420p"
+    )
+
+
+def many_tiny_static_frames(frames: int = 2900, size: tuple[int, int] = (16, 16), fps: float = 60.0) -> bytes:
+    """Decode work as many cheap frames: 2,900 static 16×16 frames at 60 fps are ~80 kB (48 s)."""
+    return static_video(frames, size, fps)
+
+
+def huge_static_frames(frames: int = 6, size: tuple[int, int] = (4096, 4096), fps: float = 60.0) -> bytes:
+    """Decode work as few huge frames: static 4096×4096 frames (the largest the default frame limit
+    admits) are ~20 kB for six, and each costs ~30 ms of decoding on these machines."""
+    return static_video(frames, size, fps)
+
+
 def corrupt_bytes(size: int = 4096, seed: int = 0) -> bytes:
     """Random bytes that no demuxer recognises."""
     return np.random.default_rng(seed).integers(0, 256, size=size, dtype=np.uint8).tobytes()

@@ -15,6 +15,7 @@ import base64
 import concurrent.futures
 import itertools
 import json
+import os
 import re
 import socket
 import threading
@@ -37,6 +38,9 @@ LIMITS = {
     "QTSPLUS_MAX_SOURCE_FRAMES": 3000,
     "QTSPLUS_MAX_QUESTION_TOKENS": 256,
     "QTSPLUS_MAX_VIT_PATCHES": 8_000,  # the good video at the default settings: 1,120
+    # source frames × pixels (at least 128² a frame): over the 3,000 frames of 16×16 that the frame
+    # limit stops first (49.2M), under the valid cases (1,200 32×32 frames: 19.7M; two 3 MP JPEGs)
+    "QTSPLUS_MAX_DECODE_WORK": 50_000_000,
 }
 MAX_MODEL_LEN = 1024
 FETCH_DEADLINE = 15  # QTSPLUS_FETCH_DEADLINE_SECONDS of this server
@@ -64,7 +68,9 @@ def server(assets, vllm_cache_root):
         "--limit-mm-per-prompt", json.dumps({"video": 1}),
     ]  # fmt: skip
     env = {k: str(v) for k, v in LIMITS.items()}
-    env.update(QTSPLUS_TEST_OOM_WIDTH=str(OOM_WIDTH), PYTHONPATH=str(FAULTS), VLLM_VIDEO_FETCH_TIMEOUT="5")
+    # the faults directory first, then the caller's PYTHONPATH (the checkout under test, if set)
+    pythonpath = os.pathsep.join(p for p in (str(FAULTS), os.environ.get("PYTHONPATH", "")) if p)
+    env.update(QTSPLUS_TEST_OOM_WIDTH=str(OOM_WIDTH), PYTHONPATH=pythonpath, VLLM_VIDEO_FETCH_TIMEOUT="5")
     # one retry: exercised; a silent server would cost vLLM 5 + 1 + 20 s, the deadline stops it at 15
     env.update(VLLM_MEDIA_FETCH_MAX_RETRIES="2", QTSPLUS_FETCH_DEADLINE_SECONDS=str(FETCH_DEADLINE))
     with RemoteServer(model, args, env=env, cache_root=vllm_cache_root) as remote:
@@ -242,6 +248,13 @@ CASES = [
     ("more-videos-than-limit", lambda r, g, m: body([f"file://{g}", f"file://{g}"]), 400, r"(?i)at most 1 video"),
     ("prompt-over-max-model-len", lambda r, g, m: body(f"file://{g}", mm_processor_kwargs={"qtsplus_select": False,
      "max_pixels": 900 * 28 * 28, "min_pixels": 900 * 28 * 28}), 400, r"(?i)maximum context length|too long|max_model_len"),
+    # decode work, not bytes: 2,900 static 160×120 frames (~80 kB) and six static 4096² ones (~7 kB)
+    ("many-tiny-static-frames", lambda r, g, m: body(data_url(hostile.many_tiny_static_frames(2900, (160, 120)))),
+     413, r"decode work \(2,900 source frames of 160x120, in pixels\) is 55,680,000, over the limit of "
+     r"50,000,000 \(server setting QTSPLUS_MAX_DECODE_WORK\)"),
+    ("huge-static-frames", lambda r, g, m: body(data_url(hostile.huge_static_frames())), 413,
+     r"decode work \(6 source frames of 4096x4096, in pixels\) is 100,663,296, over the limit of 50,000,000 "
+     r"\(server setting QTSPLUS_MAX_DECODE_WORK\)"),
     ("selection-out-of-memory", lambda r, g, m: body(data_url(hostile.flat_video(4, (OOM_WIDTH, 32)))), 503,
      r"ran out of memory"),
 ]  # fmt: skip
@@ -270,6 +283,24 @@ def test_bad_request_is_refused_and_nobody_else_is_affected(
     assert re.search(pattern, message), message[:500]
     assert other.status_code == 200, other.text[:500]
     assert other.json()["choices"][0]["token_ids"] == expected
+    assert http.get(server.url_for("health")).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "video",
+    [lambda: hostile.many_tiny_static_frames(2900, (160, 120)), hostile.huge_static_frames],
+    ids=["many-tiny-static-frames", "huge-static-frames"],
+)
+def test_decode_work_over_the_budget_is_refused_at_once(http, server, good_request, video):
+    """Kilobytes that would cost seconds to minutes of decoding: refused from the demux count, before
+    any frame is decoded (the whole request, HTTP included, well within a second or two)."""
+    payload = {**body(data_url(video())), "model": good_request["model"]}
+    start = time.monotonic()
+    response = post(http, payload)
+    elapsed = time.monotonic() - start
+    assert response.status_code == 413, response.text[:500]
+    assert "QTSPLUS_MAX_DECODE_WORK" in response.json()["error"]["message"]
+    assert elapsed < 2.0, elapsed
     assert http.get(server.url_for("health")).status_code == 200
 
 

@@ -300,3 +300,71 @@ def test_errors_met_while_decoding_in_the_loader_are_the_requests(loader, monkey
     with pytest.raises(QTSplusHTTPError) as info:
         loader.load_bytes(data, num_frames=32)
     assert info.value.http_status == 413 and "QTSPLUS_MAX_SOURCE_FRAMES" in str(info.value)
+
+
+def test_the_vit_leaves_a_core_to_the_loaders_decoders(model, videos, monkeypatch, no_runtimes):
+    """Issue 19 item 5: while the loader decodes other videos ahead, the ViT of a prepared video (and
+    of eager frames) runs on QTSPLUS_CPU_THREADS - 1 torch threads, as the streamed path always does
+    next to its own decoder; on all of them otherwise. Decided chunk by chunk: a decode that ends
+    mid-video gives the core back."""
+    import contextlib
+
+    monkeypatch.setenv("QTSPLUS_CPU_THREADS", "3")
+    monkeypatch.setenv("QTSPLUS_FEATURE_CACHE_BYTES", "0")  # every select runs the ViT
+    monkeypatch.setenv("QTSPLUS_STREAM_CHUNK_FRAMES", "2")  # several chunks per video
+    data, sampling, limits = videos["160x90-61f"]
+    item = prepared_item(data, sampling, limits)
+    runtime = SelectionRuntime(model, torch.float32, "cpu")
+    vision, seen, on_call = runtime.vision, [], []
+
+    def counting(pixel_values, grid_thw):
+        seen.append(torch.get_num_threads())
+        for hook in on_call:
+            hook()
+        return vision(pixel_values, grid_thw)
+
+    runtime.vision = counting
+    before = torch.get_num_threads()
+
+    def threads_used(frames) -> list[int]:
+        seen.clear()
+        runtime.select(frames, [5, 6], SelectionOptions())
+        assert torch.get_num_threads() == before  # restored after the selection
+        return list(seen)
+
+    alone = threads_used(LazyVideo(item))
+    assert len(alone) > 2 and set(alone) == {3}  # nothing decoding: every core
+    with runtime_module.preparing_video():  # another video is being decoded in the loader
+        assert runtime_module.videos_preparing() == 1
+        assert set(threads_used(LazyVideo(item))) == {2}
+        assert set(threads_used(decode_video(data, sampling, limits).frames)) == {2}  # eager frames
+        assert set(threads_used(lazy(data, sampling, limits))) == {2}  # streamed: its own decoder
+    assert runtime_module.videos_preparing() == 0
+    assert set(threads_used(lazy(data, sampling, limits))) == {2}  # streamed, alone: unchanged rule
+
+    with contextlib.ExitStack() as decoding:  # the other video's decode ends after the first chunk
+        decoding.enter_context(runtime_module.preparing_video())
+        on_call.append(decoding.close)
+        mixed = threads_used(LazyVideo(item))
+    assert mixed[0] == 2 and set(mixed[1:]) == {3}, mixed
+
+
+def test_a_video_being_decoded_ahead_is_counted(videos, monkeypatch, no_runtimes):
+    data, sampling, limits = videos["64x48-7f-odd"]
+    during = []
+
+    def prepare(video, config, device):
+        during.append(runtime_module.videos_preparing())
+        return "prepared"
+
+    monkeypatch.setattr(runtime_module, "prepare_frames", prepare)
+    assert prepare_video(lazy(data, sampling, limits)) == "prepared"
+
+    def fail(video, config, device):
+        during.append(runtime_module.videos_preparing())
+        raise RuntimeError("some other failure")
+
+    monkeypatch.setattr(runtime_module, "prepare_frames", fail)
+    with pytest.raises(RuntimeError):
+        prepare_video(lazy(data, sampling, limits))
+    assert during == [1, 1] and runtime_module.videos_preparing() == 0

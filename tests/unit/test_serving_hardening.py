@@ -240,6 +240,56 @@ def test_an_oom_while_loading_is_503_and_not_retried_at_once(monkeypatch, model,
     assert len(attempts) == 2  # after the retry window it tries again
 
 
+def test_a_sticky_device_error_while_loading_marks_the_runtime_dead(monkeypatch, model, clean_runtime_state):
+    """Not a failed load to retry later on a poisoned CUDA context: the process's runtime is dead,
+    /health says so and no later request loads it again (tests/e2e/test_runtime_failures.py checks
+    the answers a real client gets)."""
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    from qtsplus_vllm.serving.health import _wrap
+
+    attempts = []
+
+    def fail(*args, **kwargs):
+        attempts.append(args)
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(runtime_module, "SelectionRuntime", fail)
+    monkeypatch.setenv("QTSPLUS_RUNTIME_RETRY_SECONDS", "0")
+    with pytest.raises(SelectionUnavailable, match="failed while loading.*illegal memory access.*restarted"):
+        get_runtime(model, torch.float32, torch.device("cpu"))
+    assert "illegal memory access" in device_failure()
+    for _ in range(3):  # no retry, whatever QTSPLUS_RUNTIME_RETRY_SECONDS says
+        with pytest.raises(SelectionUnavailable, match="failed earlier.*restarted"):
+            get_runtime(model, torch.float32, torch.device("cpu"))
+    assert len(attempts) == 1
+
+    async def engine_health(self):
+        pass
+
+    with pytest.raises(EngineDeadError, match="illegal memory access"):
+        asyncio.run(_wrap(engine_health)(object()))
+
+
+def test_a_runtime_that_cannot_load_is_the_requests_503(monkeypatch, model, clean_runtime_state):
+    """The processor's and the introspection endpoint's way to the runtime: a load failure is a
+    ``GracefulHTTPError`` with status 503 (a bare ``SelectionUnavailable`` is vLLM's 500)."""
+    from vllm.exceptions import GracefulHTTPError
+
+    def fail(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(runtime_module, "SelectionRuntime", fail)
+    config = type("C", (), {"model": str(model), "dtype": torch.float32, "revision": None})()
+    with pytest.raises(GracefulHTTPError, match="could not be loaded: OutOfMemoryError") as err:
+        processor_module.load_runtime(get_runtime, config)
+    assert err.value.http_status == HTTPStatus.SERVICE_UNAVAILABLE
+    monkeypatch.setattr(runtime_module, "_DEVICE_FAILURE", "cuda:0: CUDA error: an illegal memory access")
+    with pytest.raises(GracefulHTTPError, match="failed earlier.*restarted") as err:
+        processor_module.load_runtime(get_runtime, config)
+    assert err.value.http_status == HTTPStatus.SERVICE_UNAVAILABLE
+
+
 class _FailingRuntime:
     device = torch.device("cpu")
 
