@@ -1,7 +1,10 @@
 """The long-video media path, stage by stage, against the decode floor (issue 12).
 
 For one generated H.264 video (real size: ``--resolution`` 720p or 1080p at 30 fps, ``--minutes``
-long; synthetic moving content, x264 ``veryfast``, a keyframe every 2 s; generated once and cached
+long; synthetic content of a ``--content`` kind — ``texture`` (camera-like, every pixel moving: the
+costliest to decode), ``smooth`` (gradients and one moving block: lectures, dashcams, surveillance) or
+``screen`` (a screen recording: text, scrolling, a cursor) —, x264 ``veryfast``, a keyframe every
+2 s; generated once and cached
 under ``benchmarks/media/``, which git ignores) it measures, each path in its own fresh process so
 that peak RSS is that path's alone:
 
@@ -66,10 +69,15 @@ FOLLOW_UP_IDS = [11, 12, 13]
 # ----------------------------------------------------------------------------- the video
 
 
-def synthetic_frames(count: int, size: tuple[int, int], seed: int = 0):
-    """Yield ``count`` uint8 RGB frames [H, W, 3]: a smooth random texture panning slowly, a slow
-    hue drift and three squares moving across it (every frame differs; compresses like camera content
-    at about 1 Mbit/s for 720p)."""
+def synthetic_frames(count: int, size: tuple[int, int], seed: int = 0, content: str = "texture"):
+    """Yield ``count`` uint8 RGB frames [H, W, 3] of one content kind (``CONTENTS``)."""
+    return CONTENTS[content](count, size, seed)
+
+
+def texture_frames(count: int, size: tuple[int, int], seed: int = 0):
+    """A smooth random texture panning slowly, a slow hue drift and three squares moving across it
+    (every frame differs everywhere; compresses like camera content at about 1 Mbit/s for 720p and is
+    the most expensive of the kinds to decode)."""
     import torch
 
     width, height = size
@@ -91,13 +99,72 @@ def synthetic_frames(count: int, size: tuple[int, int], seed: int = 0):
         yield frame
 
 
-def video_path(media_dir: Path, minutes: float, resolution: str) -> Path:
-    return media_dir / f"synthetic-{resolution}-{minutes:g}min-{FPS:g}fps.mp4"
+def smooth_frames(count: int, size: tuple[int, int], seed: int = 0):
+    """Low motion, cheap to decode (lectures, dashcams at night, surveillance): a static two-axis colour
+    gradient whose brightness drifts slowly, and one block moving across it."""
+    width, height = size
+    rng = np.random.default_rng(seed)
+    ys = np.linspace(0.0, 1.0, height, dtype=np.float32)[:, None]
+    xs = np.linspace(0.0, 1.0, width, dtype=np.float32)[None, :]
+    base = np.stack([40 + 150 * xs + 0 * ys, 60 + 120 * ys + 0 * xs, 200 - 100 * xs * ys], axis=-1)
+    side = max(8, min(width, height) // 8)
+    colour = rng.integers(0, 256, size=3, dtype=np.uint8)
+    shades: dict[int, np.ndarray] = {}  # the brightness drifts in steps of 0.5 %: one image per step
+    for t in range(count):
+        step = round(20 * math.sin(2 * math.pi * t / 3600))
+        if step not in shades:
+            shades[step] = np.clip(base * (1.0 + step / 200), 0, 255).astype(np.uint8)
+        frame = shades[step].copy()
+        x0 = int(2 * t) % max(width - side, 1)
+        y0 = (height - side) // 2
+        frame[y0 : y0 + side, x0 : x0 + side] = colour
+        yield frame
 
 
-def ensure_video(media_dir: Path, minutes: float, resolution: str, preset: str = "veryfast") -> Path:
+def screen_frames(count: int, size: tuple[int, int], seed: int = 0):
+    """A screen recording: a white page of dark text-like runs on a grey window bar, scrolled by a few
+    lines every 4 s, a blinking cursor and a pointer moving now and then; most frames repeat the last
+    one almost exactly."""
+    width, height = size
+    rng = np.random.default_rng(seed)
+    line, margin = max(6, height // 40), max(4, width // 30)
+    page_lines = 4 * (height // line)
+    page = np.full((page_lines * line, width, 3), 250, dtype=np.uint8)
+    for row in range(page_lines):
+        x = margin
+        while x < width - margin:
+            word = int(rng.integers(line, 6 * line))
+            if x + word > width - margin or rng.random() < 0.08:
+                break
+            page[row * line + 2 : row * line + line - 2, x : x + word] = rng.integers(10, 80)
+            x += word + line // 2
+    bar = max(8, height // 24)
+    pointer = max(4, height // 60)
+    for t in range(count):
+        scroll = (t // 120) * 3 * line % (page.shape[0] - height)
+        frame = page[scroll : scroll + height].copy()
+        frame[:bar] = (60, 64, 72)
+        if (t // 15) % 2 == 0:  # the cursor blinks twice a second at 30 fps
+            frame[bar + line : bar + 2 * line - 2, margin - 3 : margin - 1] = 0
+        px = margin + (t // 45) * 37 % max(width - 2 * margin, 1)
+        py = bar + (t // 45) * 23 % max(height - bar - pointer, 1)
+        frame[py : py + pointer, px : px + pointer] = (200, 30, 30)
+        yield frame
+
+
+CONTENTS = {"texture": texture_frames, "smooth": smooth_frames, "screen": screen_frames}
+
+
+def video_path(media_dir: Path, minutes: float, resolution: str, content: str = "texture") -> Path:
+    kind = "synthetic" if content == "texture" else content  # texture keeps its earlier cache name
+    return media_dir / f"{kind}-{resolution}-{minutes:g}min-{FPS:g}fps.mp4"
+
+
+def ensure_video(
+    media_dir: Path, minutes: float, resolution: str, preset: str = "veryfast", content: str = "texture"
+) -> Path:
     """The cached video, written first if missing (x264 ``preset``, crf 23, keyframe every 2 s)."""
-    path = video_path(media_dir, minutes, resolution)
+    path = video_path(media_dir, minutes, resolution, content)
     if path.is_file():
         return path
     width, height = RESOLUTIONS[resolution]
@@ -109,7 +176,7 @@ def ensure_video(media_dir: Path, minutes: float, resolution: str, preset: str =
         stream = container.add_stream("libx264", rate=Fraction(FPS).limit_denominator(1001))
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.codec_context.options = {"crf": "23", "preset": preset, "g": str(int(2 * FPS))}
-        for array in synthetic_frames(count, (width, height)):
+        for array in synthetic_frames(count, (width, height), content=content):
             for packet in stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")):
                 container.mux(packet)
         for packet in stream.encode():
@@ -687,6 +754,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--resolution", choices=sorted(RESOLUTIONS), default=None, help="default 720p")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "media"))
+    parser.add_argument(
+        "--content",
+        choices=sorted(CONTENTS),
+        default="texture",
+        help="what the generated video shows: texture (camera-like, costly to decode), smooth (low motion, "
+        "cheap to decode), screen (a screen recording)",
+    )
     parser.add_argument("--quick", action="store_true", help="a 640x360 video in a temporary directory")
     parser.add_argument(
         "--legacy", action="store_true", help="also run the pre-streaming path (~12 GiB at 10 min 720p)"
@@ -725,7 +799,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-media-") as tmp:
         media_dir = Path(args.media_dir) if args.media_dir else (Path(tmp) if args.quick else MEDIA_DIR)
         clock = time.perf_counter()
-        video = ensure_video(media_dir, args.minutes, args.resolution)
+        video = ensure_video(media_dir, args.minutes, args.resolution, content=args.content)
         generate_s = time.perf_counter() - clock
         model = write_tiny_checkpoint(Path(tmp) / "tiny", seed=0)
         names = [n for n in args.paths.split(",") if n] + (["legacy"] if args.legacy else [])
@@ -752,6 +826,7 @@ def main(argv: list[str] | None = None) -> int:
             "dtype": args.dtype,
             "minutes": args.minutes,
             "resolution": args.resolution,
+            "content": args.content,
             "model": "tiny (write_tiny_checkpoint, seed 0)",
             "sampling": "fps 1, min 4, max 768 frames; max_pixels 360*420 (defaults)",
             "env": {k: v for k, v in os.environ.items() if k.startswith("QTSPLUS_")},
@@ -780,7 +855,11 @@ def main(argv: list[str] | None = None) -> int:
     if out.suffix != ".json":
         out.mkdir(parents=True, exist_ok=True)
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        out = out / f"media-{args.resolution}-{args.minutes:g}min-{args.device.replace(':', '')}-{stamp}.json"
+        kind = "" if args.content == "texture" else f"{args.content}-"
+        out = (
+            out
+            / f"media-{kind}{args.resolution}-{args.minutes:g}min-{args.device.replace(':', '')}-{stamp}.json"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     with contextlib.suppress(ImportError):
