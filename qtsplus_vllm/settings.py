@@ -39,12 +39,19 @@ MIN_KEPT_FRAMES = 2  # a video is at least one temporal patch (qwen-vl-utils' FR
 VIT_ATTENTION_CHOICES = ("auto", "vllm_flash_attn", "flash_attn", "torch_varlen", "sdpa_padded", "sdpa")
 _DEVICE = re.compile(r"cpu|cuda(?::\d+)?")
 
-# the groups of the reference page, in its order
+# the groups of the reference page, in its order: (title, the page that explains them)
 GROUPS = {
-    "limits": "Request limits (docs/limits.md)",
-    "runtime": "Selection runtime: devices, threads, caches (docs/deploying.md, docs/long-videos.md)",
-    "serving": "Serving and security",
-    "development": "Development tools (not read by a server)",
+    "limits": (
+        "Request limits",
+        "What each limit bounds and where it is checked: [Limits and security](limits.md).",
+    ),
+    "runtime": (
+        "Selection runtime",
+        "Devices, threads and caches of the ViT and the selector: [Deploying](deploying.md) and "
+        "[Long videos](long-videos.md).",
+    ),
+    "serving": ("Serving and security", "Media keys and client uuids: [Limits and security](limits.md)."),
+    "development": ("Development tools", "Read by the repository's tools, not by a server."),
 }
 
 # QTSPLUS_* variables read only by the test suite and scripts/, never by the package: not settings
@@ -241,10 +248,13 @@ class Settings(BaseSettings):
         "encoded size of one video: data URLs, file:// on disk, http(s) while downloading",
     )
     max_video_seconds: _typed(Number(), float) = _setting(
-        7200.0, "limits", "duration of one video from its container header, before decoding"
+        7200.0, "limits", "duration of one video from its container header, before decoding", "7200 (2 h)"
     )
     max_source_frames: _typed(Integer(), int) = _setting(
-        432_000, "limits", "frames the decoder walks through: from the header, then counted while decoding"
+        432_000,
+        "limits",
+        "frames the decoder walks through: from the header, then counted while decoding",
+        "432,000 (2 h at 60 fps)",
     )
     max_frames: _typed(Integer(MIN_KEPT_FRAMES), int) = _setting(
         768,
@@ -252,10 +262,16 @@ class Settings(BaseSettings):
         "frames kept per video, the largest max_frames a request may ask; 2 frames are one temporal patch",
     )
     max_frame_pixels: _typed(Integer(), int) = _setting(
-        4096 * 4096, "limits", "width x height of the source frames, from the header, before decoding"
+        4096 * 4096,
+        "limits",
+        "width x height of the source frames, from the header, before decoding",
+        "4096²",
     )
     decode_max_pixels: _typed(Integer(), int) = _setting(
-        4 * 768 * 28 * 28, "limits", "frames larger than this are scaled down while they are decoded"
+        4 * 768 * 28 * 28,
+        "limits",
+        "frames larger than this are scaled down while they are decoded",
+        "2,408,448 (4 · 768 · 28²)",
     )
     max_decode_work: _typed(Integer(), int | None) = _setting(
         None,
@@ -487,17 +503,16 @@ def markdown() -> str:
         "An unset or empty variable takes the default. Integers and bytes are whole numbers (bytes take",
         "no unit suffix: `8589934592`, not `8GiB`); numbers may have a fraction (`7.5`). A `QTSPLUS_*`",
         "variable that nothing reads (a typo) is named in a warning at start-up.",
-        "",
-        "The pages on [limits](limits.md), [deploying](deploying.md) and [long videos](long-videos.md)",
-        "explain what the settings do and when to change them.",
     ]
-    for group, title in GROUPS.items():
+    for group, (title, intro) in GROUPS.items():
         names = [
             n for n, f in Settings.model_fields.items() if (f.json_schema_extra or {}).get("group") == group
         ]
         lines += [
             "",
             f"## {title}",
+            "",
+            intro,
             "",
             "| variable | class | default | allowed | what it sets |",
             "|---|---|---|---|---|",
