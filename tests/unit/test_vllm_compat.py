@@ -30,9 +30,9 @@ from packaging.requirements import Requirement
 from packaging.version import Version
 
 from qtsplus_vllm import devices, vllm_releases
+from qtsplus_vllm.devices import device_for_rank, selection_devices
 from qtsplus_vllm.runtime import check_server_settings, default_device
 from qtsplus_vllm.serving import compat
-from qtsplus_vllm.devices import device_for_rank, selection_devices
 
 REPO = Path(__file__).resolve().parents[2]
 PROBE = Path(__file__).with_name("vllm_compat_probe.py")
