@@ -161,7 +161,9 @@ def test_a_frame_limit_under_two_is_refused_with_a_clear_message(value):
         Limits.from_env({"QTSPLUS_MAX_FRAMES": value})
     with pytest.raises(ValueError, match=r"^QTSPLUS_MAX_FRAMES=1: must be an integer >= 2 "):
         Limits(max_frames=1)
-    with pytest.raises(ValueError, match=r"^QTSPLUS_MAX_VIDEO_BYTES=0: must be a whole number of bytes >= 1 "):
+    with pytest.raises(
+        ValueError, match=r"^QTSPLUS_MAX_VIDEO_BYTES=0: must be a whole number of bytes >= 1 "
+    ):
         Limits(max_video_bytes=0)
     assert Limits.from_env({"QTSPLUS_MAX_FRAMES": "2"}).max_frames == 2
 
