@@ -308,13 +308,13 @@ class Settings(BaseSettings):
         None,
         "runtime",
         "bound of the ViT-feature cache's first tier; 0 turns the cache off",
-        "sized from the memory free when the runtime loads",
+        "a quarter of the device's free memory when the runtime loads, at most 8 GiB",
     )
     feature_cache_host_bytes: _typed(Bytes(0), int | None) = _setting(
         None,
         "runtime",
         "bound of the host-memory tier behind a GPU first tier",
-        "sized from the host memory free when the runtime loads",
+        "a quarter of the host's available memory, at most 16 GiB",
     )
     feature_cache_device: _typed(Device(), str | None) = _setting(
         None,
