@@ -265,7 +265,7 @@ class Settings(BaseSettings):
         4096 * 4096,
         "limits",
         "width x height of the source frames, from the header, before decoding",
-        "4096²",
+        "16,777,216 (4096²)",
     )
     decode_max_pixels: _typed(Integer(), int) = _setting(
         4 * 768 * 28 * 28,
