@@ -39,7 +39,6 @@ from .video import (
     target_size,
 )
 
-DEFAULT_CHUNK_FRAMES = 32  # QTSPLUS_STREAM_CHUNK_FRAMES's default (qtsplus_vllm/settings.py)
 QUEUE_CHUNKS = 1  # decoded chunks waiting for the consumer (one more is being filled, one consumed)
 CHUNK_BYTES = 96 << 20  # at most this much decoded RGB per chunk (fewer frames for large sources)
 # ViT patches per chunk: 32 frames at the reference max_pixels (360 x 420 pixels, 14 x 14 patches)
