@@ -52,8 +52,11 @@ decoding). It also stops a stream whose frames turn out larger, or more numerous
 said. ``QTSPLUS_DECODE_TIMEOUT_SECONDS`` is the wall-clock second line (HTTP 504).
 
 A request over a limit gets HTTP 413 with a message that names the limit, the value and the
-variable. A value that is not a positive number, or a ``QTSPLUS_MAX_FRAMES`` under 2, raises
-``ValueError`` in :meth:`Limits.from_env` (the server should refuse to start with it).
+variable. The variables are declared, with their types, defaults and allowed values, in
+:mod:`qtsplus_vllm.settings` (docs/configuration.md is generated from it); a value that is not
+allowed (not a positive number, a ``QTSPLUS_MAX_FRAMES`` under 2) raises
+:class:`~qtsplus_vllm.settings.SettingsError`, a ``ValueError`` naming the variable and the value,
+and the server refuses to start with it.
 
 The defaults admit every video the reference settings produce (fps 1, at most 768 frames,
 max_pixels 360×420, min_pixels 128·28², any aspect ratio up to qwen-vl-utils' 200:1):
@@ -68,15 +71,14 @@ recomputes it over every frame size).
 from __future__ import annotations
 
 import contextlib
-import functools
-import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, fields
 from http import HTTPStatus
 
-MiB = 1 << 20
-MIN_KEPT_FRAMES = 2  # a video is at least one temporal patch (qwen-vl-utils' FRAME_FACTOR)
+from .settings import Settings, check_value, settings
+from .settings import variable as _variable
+
 # ViT patches of the largest video the reference settings make (fps 1, 768 frames, max_pixels
 # 360×420, min_pixels 128·28², aspect ratio up to 200:1): see the module docstring
 REFERENCE_WORST_CASE_VIT_PATCHES = 396_288
@@ -186,33 +188,34 @@ class SelectionUnavailable(RuntimeError):
     http_status = HTTPStatus.SERVICE_UNAVAILABLE
 
 
+def _default(name: str):
+    """The default of setting ``name`` (qtsplus_vllm/settings.py declares it once)."""
+    return Settings.model_fields[name].default
+
+
 @dataclass(frozen=True)
 class Limits:
-    max_video_bytes: int = 512 * MiB
-    max_video_seconds: float = 7200.0
-    max_source_frames: int = 432_000
-    max_frames: int = 768
-    max_frame_pixels: int = 4096 * 4096
-    decode_max_pixels: int = 4 * 768 * 28 * 28
-    max_vit_patches: int = 396_288  # REFERENCE_WORST_CASE_VIT_PATCHES
-    max_question_tokens: int = 512
-    fetch_deadline_seconds: float = 120.0
+    """The request limits; field ``name`` is setting ``QTSPLUS_<NAME>`` (:mod:`qtsplus_vllm.settings`)."""
+
+    max_video_bytes: int = _default("max_video_bytes")  # 512 MiB
+    max_video_seconds: float = _default("max_video_seconds")  # 7200
+    max_source_frames: int = _default("max_source_frames")  # 432,000: 2 h at 60 fps
+    max_frames: int = _default("max_frames")  # 768
+    max_frame_pixels: int = _default("max_frame_pixels")  # 4096²
+    decode_max_pixels: int = _default("decode_max_pixels")  # 4 · 768 · 28²
+    max_vit_patches: int = _default("max_vit_patches")  # REFERENCE_WORST_CASE_VIT_PATCHES
+    max_question_tokens: int = _default("max_question_tokens")  # 512
+    fetch_deadline_seconds: float = _default("fetch_deadline_seconds")  # 120
     # None: max_source_frames × max(max_frame_pixels, MIN_FRAME_WORK_PIXELS) (the module docstring)
-    max_decode_work: int | None = None
-    decode_timeout_seconds: float = 600.0
+    max_decode_work: int | None = _default("max_decode_work")
+    decode_timeout_seconds: float = _default("decode_timeout_seconds")  # 600
 
     def __post_init__(self):
         for f in fields(self):
             value = getattr(self, f.name)
             if value is None and f.name == "max_decode_work":
                 continue  # derived: decode_work_limit
-            if not value > 0:
-                raise ValueError(f"{self.variable(f.name)}={value!r} must be positive")
-        if self.max_frames < MIN_KEPT_FRAMES:
-            raise ValueError(
-                f"{self.variable('max_frames')}={self.max_frames} is too small: every video keeps at least "
-                f"{MIN_KEPT_FRAMES} frames (one temporal patch of the ViT), so no video request could be served"
-            )
+            check_value(f.name, value)  # SettingsError naming the variable, as at start-up
 
     @property
     def decode_work_limit(self) -> int:
@@ -224,25 +227,17 @@ class Limits:
 
     @staticmethod
     def variable(name: str) -> str:
-        return f"QTSPLUS_{name.upper()}"
+        return _variable(name)
 
     @classmethod
-    def from_env(cls, environ: os._Environ | dict | None = None) -> Limits:
-        """The limits from ``QTSPLUS_*`` variables (unset or empty: the default)."""
-        environ = os.environ if environ is None else environ
-        values = {}
-        for f in fields(cls):
-            raw = str(environ.get(cls.variable(f.name), "")).strip()
-            if not raw:
-                continue
-            try:
-                value = float(raw) if f.type == "float" else int(raw)
-            except ValueError:
-                raise ValueError(f"{cls.variable(f.name)}={raw!r} is not a valid {f.type}") from None
-            if not value > 0:
-                raise ValueError(f"{cls.variable(f.name)}={raw!r} must be positive")
-            values[f.name] = value
-        return cls(**values)  # __post_init__ refuses impossible combinations
+    def from_settings(cls, values: Settings) -> Limits:
+        """The limits of ``values`` (a validated :class:`~qtsplus_vllm.settings.Settings`)."""
+        return cls(**{f.name: getattr(values, f.name) for f in fields(cls)})
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Limits:
+        """The limits from ``QTSPLUS_*`` variables of ``environ`` (default: this process's settings)."""
+        return cls.from_settings(settings() if environ is None else Settings.from_environ(environ))
 
     # -- checks ----------------------------------------------------------------------------------
 
@@ -345,7 +340,14 @@ class Limits:
             )
 
 
-@functools.cache
+_SERVER_LIMITS: tuple[Settings, Limits] | None = None
+
+
 def server_limits() -> Limits:
-    """This process's limits (read once from the environment)."""
-    return Limits.from_env()
+    """This process's limits (from :func:`~qtsplus_vllm.settings.settings`, made once per settings)."""
+    global _SERVER_LIMITS
+    current, cached = settings(), _SERVER_LIMITS
+    if cached is None or cached[0] is not current:
+        cached = (current, Limits.from_settings(current))
+        _SERVER_LIMITS = cached
+    return cached[1]

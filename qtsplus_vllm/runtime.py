@@ -41,11 +41,13 @@ import torch
 
 from .checkpoint import CheckpointReader, load_config, validate_checkpoint
 from .config import SELECTOR_PREFIX
+from .devices import default_device, feature_cache_device
 from .feature_cache import CachedFeatures, FeatureCache, frames_digest
 from .hub import EMBED_KEY, download_dir_from_argv, resolve_hub_checkpoint
 from .limits import SelectionUnavailable, server_limits
 from .options import SelectionOptions
 from .selector import QTSplusSelector
+from .settings import settings, unknown_variables
 from .streaming import (
     LazyVideo,
     PreparedFrames,
@@ -63,70 +65,20 @@ from .vision import VisionEncoder
 logger = logging.getLogger(__name__)
 
 
-def default_device() -> torch.device:
-    """``QTSPLUS_DEVICE`` if set, else cuda:0 when CUDA is available, else cpu.
-
-    A comma-separated ``QTSPLUS_DEVICE`` (``cuda:1,cuda:2``) spreads the API servers of
-    ``--api-server-count N``: the server of rank r takes entry r mod the list's length.
-    """
-    from .serving.compat import api_server_rank
-    from .serving.deployment import device_for_rank, selection_devices
-
-    devices = selection_devices()
-    if devices:
-        name = os.environ["QTSPLUS_DEVICE"].strip()
-        rank = api_server_rank()
-        device = device_for_rank(devices, rank)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError(f"QTSPLUS_DEVICE={name!r} but CUDA is not available in this process")
-        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-            raise RuntimeError(
-                f"QTSPLUS_DEVICE={name!r} gives API server {rank} {device}, but this process sees "
-                f"{torch.cuda.device_count()} CUDA device(s) (CUDA_VISIBLE_DEVICES renumbers them)"
-            )
-        return device
-    return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
-
-
 def cpu_threads() -> int:
     """Torch threads for CPU selection work: ``QTSPLUS_CPU_THREADS`` or every core."""
-    value = os.environ.get("QTSPLUS_CPU_THREADS", "").strip()
-    if not value:
-        return os.cpu_count() or 1
-    if not value.isdigit() or int(value) < 1:
-        raise ValueError(f"QTSPLUS_CPU_THREADS must be a positive integer, got {value!r}")
-    return int(value)
+    return settings().cpu_threads or os.cpu_count() or 1
 
 
 def feature_cache_settings() -> tuple[int | None, torch.device | None, int | None]:
-    """(first-tier bytes, its device or None for the runtime's, host-tier bytes) from the environment.
+    """(first-tier bytes, its device or None for the runtime's, host-tier bytes) from the settings.
 
     ``QTSPLUS_FEATURE_CACHE_BYTES`` (0 turns the cache off), ``QTSPLUS_FEATURE_CACHE_DEVICE``,
     ``QTSPLUS_FEATURE_CACHE_HOST_BYTES`` (the host-memory tier behind a GPU first tier). Bytes None
     (unset): sized from the machine when the runtime loads (:func:`feature_cache.tier_sizes`).
     """
-
-    def size(variable: str) -> int | None:
-        raw = os.environ.get(variable, "").strip()
-        if raw and not raw.isdigit():
-            raise ValueError(f"{variable} must be a non-negative integer (bytes), got {raw!r}")
-        return int(raw) if raw else None
-
-    first, host = size("QTSPLUS_FEATURE_CACHE_BYTES"), size("QTSPLUS_FEATURE_CACHE_HOST_BYTES")
-    name = os.environ.get("QTSPLUS_FEATURE_CACHE_DEVICE", "").strip()
-    device = parse_device(name, f"QTSPLUS_FEATURE_CACHE_DEVICE={name!r}") if name else None
-    return first, device, host
-
-
-def parse_device(name: str, setting: str) -> torch.device:
-    """``name`` as a cpu or cuda[:N] torch device; ``ValueError`` naming ``setting`` otherwise."""
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise ValueError(f"{setting}: {name!r} is not a torch device: {err}") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"{setting}: {name!r} is neither cpu nor cuda[:N]")
-    return device
+    values = settings()
+    return values.feature_cache_bytes, feature_cache_device(), values.feature_cache_host_bytes
 
 
 def vit_threads() -> int:
@@ -183,46 +135,26 @@ def trust_client_uuids() -> bool:
     names media by uuid alone is refused; on, vLLM's own rule applies (the uuid is the item's
     identity in every cache) — only for deployments whose clients are all trusted.
     """
-    raw = os.environ.get("QTSPLUS_TRUST_CLIENT_UUIDS", "").strip().lower()
-    if raw in ("", "0", "false", "no", "off"):
-        return False
-    if raw in ("1", "true", "yes", "on"):
-        return True
-    raise ValueError(f"QTSPLUS_TRUST_CLIENT_UUIDS must be 0 or 1, got {raw!r}")
+    return settings().trust_client_uuids
 
 
 def runtime_retry_seconds() -> float:
     """``QTSPLUS_RUNTIME_RETRY_SECONDS`` (default 30): how long a failed runtime load is not retried."""
-    raw = os.environ.get("QTSPLUS_RUNTIME_RETRY_SECONDS", "").strip()
-    try:
-        value = float(raw) if raw else 30.0
-    except ValueError:
-        value = -1.0
-    if not value >= 0:
-        raise ValueError(f"QTSPLUS_RUNTIME_RETRY_SECONDS must be a non-negative number, got {raw!r}")
-    return value
+    return settings().runtime_retry_seconds
 
 
 def check_server_settings(model: str | None = None, revision: str | None = None) -> None:
     """Refuse bad ``QTSPLUS_*`` values and a checkpoint the runtime cannot load, when the server starts.
 
-    Raises ``ValueError`` naming the variable; ``CheckpointError`` for missing or misshapen ViT or
+    Raises :class:`~qtsplus_vllm.settings.SettingsError` (a ``ValueError``) naming every bad variable,
+    its value and what is allowed; ``CheckpointError`` for missing or misshapen ViT or
     selector tensors, a LoRA state dict, an index naming files outside the checkpoint, or a Hub
     checkpoint whose ViT/selector shards cannot be had (:func:`resolve_model_dir`). Reads headers
     only: no weights, no CUDA.
     """
-    from .limits import Limits
-
-    Limits.from_env()
-    cpu_threads()
-    stream_chunk_frames()
-    feature_cache_settings()
-    trust_client_uuids()
-    runtime_retry_seconds()
-    prepare_mode()
-    from .serving.deployment import selection_devices
-
-    selection_devices()  # QTSPLUS_DEVICE: one device, or a list by API-server rank
+    settings()  # every QTSPLUS_* variable, validated together: SettingsError (a ValueError) names each bad one
+    for name in unknown_variables():
+        logger.warning("%s is set but is no QTSplus setting (docs/configuration.md): ignored", name)
     if model is not None:
         # a Hub id is resolved here, once: the shards with the ViT and selector tensors are fetched
         # now or the server does not start (no request ever downloads)
@@ -538,7 +470,6 @@ class SelectionRuntime:
 
 # -- decoding ahead, in the media loader -----------------------------------------------------------
 
-PREPARE_ENV = "QTSPLUS_PREPARE_IN_LOADER"
 _LOADER_PREPROCESS: PreprocessConfig | None = None
 _IN_FLIGHT = 0  # videos our loader returned that are still alive (loading, queued or being encoded)
 _PREPARING = 0  # videos being decoded and resized ahead in the loader right now
@@ -556,20 +487,7 @@ def prepare_mode() -> str:
     another video is in flight on this API server (throughput under load), ``0`` for a video alone
     (its latency).
     """
-    raw = os.environ.get(PREPARE_ENV, "").strip().lower()
-    aliases = {
-        "": "auto",
-        "auto": "auto",
-        "1": "1",
-        "true": "1",
-        "on": "1",
-        "0": "0",
-        "false": "0",
-        "off": "0",
-    }
-    if raw not in aliases:
-        raise ValueError(f"{PREPARE_ENV} must be auto, 1 or 0, got {raw!r}")
-    return aliases[raw]
+    return settings().prepare_in_loader
 
 
 def track_video(video: object) -> int:

@@ -17,7 +17,6 @@ Module names match the released checkpoints' keys under ``model.qts_plus.selecto
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -33,6 +32,7 @@ from .kernels.score_topk import (
     select_top,
     triton_available,
 )
+from .settings import settings
 
 RMS_EPS = 1e-6
 BUDGET_HIDDEN = 256
@@ -157,16 +157,14 @@ def use_triton(device: torch.device) -> bool:
     auto (the default) picks Triton for CUDA tensors when it is installed. ``triton`` on CPU tensors
     needs ``TRITON_INTERPRET=1`` set before the process imports this package.
     """
-    impl = os.environ.get("QTSPLUS_SELECTOR_IMPL", "auto").strip().lower()
+    impl = settings().selector_impl
     if impl == "torch":
         return False
     if impl == "triton":
         if not triton_available():
             raise RuntimeError("QTSPLUS_SELECTOR_IMPL=triton but Triton is not installed")
         return True
-    if impl == "auto":
-        return device.type == "cuda" and triton_available()
-    raise ValueError(f"QTSPLUS_SELECTOR_IMPL must be 'triton', 'torch' or 'auto', got {impl!r}")
+    return device.type == "cuda" and triton_available()  # auto
 
 
 def budget_count(rho: torch.Tensor, m: int, nmax: int) -> int:

@@ -17,7 +17,6 @@ ViT work and at most ``queue_chunks + 2`` chunks of decoded frames exist at a ti
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 import time
@@ -28,6 +27,7 @@ import numpy as np
 import torch
 
 from .feature_cache import encoded_digest
+from .settings import settings
 from .video import (
     FrameCountMismatch,
     PreprocessConfig,
@@ -39,8 +39,6 @@ from .video import (
     target_size,
 )
 
-CHUNK_FRAMES_ENV = "QTSPLUS_STREAM_CHUNK_FRAMES"
-DEFAULT_CHUNK_FRAMES = 32
 QUEUE_CHUNKS = 1  # decoded chunks waiting for the consumer (one more is being filled, one consumed)
 CHUNK_BYTES = 96 << 20  # at most this much decoded RGB per chunk (fewer frames for large sources)
 # ViT patches per chunk: 32 frames at the reference max_pixels (360 x 420 pixels, 14 x 14 patches)
@@ -52,14 +50,7 @@ FRAME_FACTOR = 2  # frames per temporal patch
 
 def stream_chunk_frames() -> int:
     """``QTSPLUS_STREAM_CHUNK_FRAMES`` (default 32): sampled frames per chunk, a positive even number."""
-    raw = os.environ.get(CHUNK_FRAMES_ENV, "").strip()
-    if not raw:
-        return DEFAULT_CHUNK_FRAMES
-    if not raw.isdigit() or int(raw) < 2 or int(raw) % 2:
-        raise ValueError(
-            f"{CHUNK_FRAMES_ENV} must be a positive even integer (whole temporal patches), got {raw!r}"
-        )
-    return int(raw)
+    return settings().stream_chunk_frames
 
 
 def chunk_frames_for(

@@ -34,7 +34,6 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-import os
 from collections.abc import Callable
 
 import torch
@@ -45,8 +44,9 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTra
 
 from .checkpoint import CheckpointReader
 from .config import PROJECTOR_KEY, VISION_PREFIX, CheckpointError, QTSplusConfig, resolve_vision_config
+from .settings import settings, variable
 
-ATTENTION_ENV = "QTSPLUS_VIT_ATTENTION"
+ATTENTION_ENV = variable("vit_attention")  # QTSPLUS_VIT_ATTENTION, read through settings()
 VARLEN_KERNELS = ("vllm_flash_attn", "flash_attn", "torch_varlen")  # auto's order on CUDA fp16/bf16
 ATTENTION_CHOICES = ("auto", *VARLEN_KERNELS, "sdpa_padded", "sdpa")
 HALF = (torch.float16, torch.bfloat16)
@@ -236,7 +236,7 @@ def pick_attention(device: str | torch.device, dtype: torch.dtype, requested: st
     """The ViT attention for device/dtype: ``requested``; None or "auto": $QTSPLUS_VIT_ATTENTION if set, else
     the fastest exact kernel that runs here (module docstring)."""
     if requested in (None, "auto"):
-        requested = os.environ.get(ATTENTION_ENV) or "auto"
+        requested = settings().vit_attention
     requested = requested.strip().lower()
     device = torch.device(device)
     if requested != "auto":

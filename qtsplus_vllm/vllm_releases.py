@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -175,6 +174,8 @@ def unpack(release: Release, dest: Path, wheels: Path | None = None) -> bool:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from . import settings  # QTSPLUS_VLLM_WHEELS (imported here: the module itself needs only the stdlib)
+
     parser = argparse.ArgumentParser(
         prog="python -m qtsplus_vllm.vllm_releases", description=__doc__.split("\n")[0]
     )
@@ -184,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     up.add_argument(
         "--wheels",
         type=Path,
-        default=os.environ.get("QTSPLUS_VLLM_WHEELS") or None,
+        default=settings.read_one("vllm_wheels"),
         help="a folder that may already hold the wheels (default: $QTSPLUS_VLLM_WHEELS; else pip downloads)",
     )
     docs = sub.add_parser("docs", help=f"rewrite the generated table of {DOCS_PAGE.name}")

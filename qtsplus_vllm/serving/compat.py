@@ -3,8 +3,7 @@
 The releases are listed once, in ``qtsplus_vllm/vllm_releases.json``; what each one changed is in
 ``docs/vllm-<minor>-compat.md``. Everything here detects features, never version numbers: the CPU
 test runs a newer release's source over the installed 0.32 build, where ``importlib.metadata``
-still reports 0.32, and a patch release may back-port a change. vLLM is imported lazily, so
-``api_server_rank`` (used by the torch-only selection runtime) costs no vLLM import. 0.34 changed
+still reports 0.32, and a patch release may back-port a change. vLLM is imported lazily. 0.34 changed
 none of the surfaces below (docs/vllm-0.34-compat.md): each of its shims behaves as on 0.33.
 
 - ``DOWNLOAD_SIZE_ERRORS``: the exception classes vLLM raises when an HTTP media download is too
@@ -14,7 +13,6 @@ none of the surfaces below (docs/vllm-0.34-compat.md): each of its shims behaves
 - ``MediaDecodedBudget``: 0.33's per-request decoded-bytes budget (``None`` on 0.32);
   :func:`image_io_kwargs` and :func:`charge_decoded` use it where it exists.
 - :func:`build_chat_params`: 0.33 renders chats with the server's ``reasoning_effort_map``.
-- :func:`api_server_rank`: which of ``--api-server-count`` servers this process is.
 - :func:`check_vllm_version`: a warning (never a failure) on a vLLM minor not in the list.
 """
 
@@ -22,7 +20,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import multiprocessing
 import re
 from typing import Any
 
@@ -128,20 +125,3 @@ def build_chat_params(request: Any, online: Any) -> Any:
     if "reasoning_effort_map" in inspect.signature(request.build_chat_params).parameters:
         kwargs["reasoning_effort_map"] = getattr(online, "reasoning_effort_map", None)
     return request.build_chat_params(online.chat_template, online.chat_template_content_format, **kwargs)
-
-
-_API_SERVER_NAME = re.compile(r"(?:ApiServer_|APIServer_DPRank_)(\d+)$")
-
-
-def api_server_rank() -> int:
-    """This process's rank among the API servers of ``--api-server-count N`` (0 when there is one).
-
-    vLLM 0.32 and 0.33 start each of N > 1 API servers as a spawned ``multiprocessing`` process named
-    ``ApiServer_<rank>`` (``v1/utils.py`` ``APIServerProcessManager``) and hand the same rank to its
-    config as ``parallel_config._api_process_rank``, which the multimodal processor cannot see (it is
-    built from the model config alone). With one API server it runs in the main process: rank 0.
-    In the multi-port external load-balancing mode (``--data-parallel-multi-port-external-lb``) each
-    local data-parallel rank gets its own API server, ``APIServer_DPRank_<dp rank>``: that rank.
-    """
-    match = _API_SERVER_NAME.search(multiprocessing.current_process().name)
-    return int(match[1]) if match else 0

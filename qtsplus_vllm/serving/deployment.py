@@ -1,7 +1,8 @@
-"""How QTSplus fits vLLM's deployment options: selection devices per API server, refused layouts.
+"""How QTSplus fits vLLM's deployment options: what is supported, what is refused at start-up.
 
-Importing this module imports neither vLLM nor CUDA (the selection runtime uses
-:func:`selection_devices`); :func:`check_deployment` imports vLLM when called.
+Importing this module imports neither vLLM nor torch; :func:`check_deployment` imports vLLM when
+called. The selection device itself (``QTSPLUS_DEVICE``, by API-server rank) is read in
+:mod:`qtsplus_vllm.devices`, below both this layer and the selection runtime.
 
 QTSplus runs its vision encoder (ViT) and selector in the multimodal processor, in the API-server
 process, because the number of selected tokens n fixes the prompt length before vLLM schedules the
@@ -27,42 +28,11 @@ options therefore fare as follows (docs/deploying.md, "Scaling out"):
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
-import torch
+from ..settings import variable
 
-from ..runtime import parse_device
-
-_DEVICE_VAR = "QTSPLUS_DEVICE"
-
-
-def selection_devices(value: str | None = None) -> list[torch.device]:
-    """``QTSPLUS_DEVICE`` (or ``value``) parsed: [] when unset, else one device per comma-separated entry.
-
-    ``cuda:1`` is one device for every API server; ``cuda:1,cuda:2`` spreads the API servers of
-    ``--api-server-count N`` (or ``--data-parallel-size N``) by rank, round robin. Each entry must be
-    ``cpu`` or ``cuda[:N]``. Raises ``ValueError`` naming the variable; touches no CUDA.
-    """
-    raw = os.environ.get(_DEVICE_VAR, "") if value is None else value
-    raw = raw.strip()
-    if not raw:
-        return []
-    devices = []
-    for entry in raw.split(","):
-        entry = entry.strip()
-        if not entry:
-            raise ValueError(
-                f"{_DEVICE_VAR}={raw!r} has an empty entry: give one device (cuda:1) or a comma-separated "
-                "list assigned by API-server rank (cuda:1,cuda:2)"
-            )
-        devices.append(parse_device(entry, f"{_DEVICE_VAR}={raw!r}"))
-    return devices
-
-
-def device_for_rank(devices: list[torch.device], rank: int) -> torch.device:
-    """The entry of ``devices`` that the API server of ``rank`` uses (round robin)."""
-    return devices[rank % len(devices)]
+_DEVICE_VAR = variable("device")
 
 
 class DeploymentError(ValueError):

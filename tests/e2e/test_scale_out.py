@@ -231,3 +231,16 @@ def test_mm_processor_device_is_refused_at_start_up(assets, vllm_cache_root):
     message = str(err.value)
     assert "exited with code" in message
     assert "DeploymentError: --mm-processor-device" in message and "QTSPLUS_DEVICE" in message
+
+
+def test_a_bad_setting_is_refused_at_start_up(assets, vllm_cache_root):
+    """Any bad QTSPLUS_* value stops `vllm serve`, each named in the settings' one format (issue 21)."""
+    root, model, _ = assets
+    env = {"QTSPLUS_MAX_FRAMES": "1", "QTSPLUS_DEVICE": "gpu:0"}
+    with pytest.raises(ServerStartupError) as err:
+        with RemoteServer(model, serve_args(root), env=env, cache_root=vllm_cache_root, startup_timeout=300):
+            pass
+    message = str(err.value)
+    assert "exited with code" in message
+    assert "QTSPLUS_MAX_FRAMES='1': must be an integer >= 2 (frames kept per video" in message
+    assert "QTSPLUS_DEVICE='gpu:0': must be cpu or cuda[:N]" in message

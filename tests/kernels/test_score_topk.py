@@ -237,7 +237,9 @@ def test_selector_paths_agree(monkeypatch):
 
 def test_bad_impl_switch_is_rejected(monkeypatch):
     monkeypatch.setenv("QTSPLUS_SELECTOR_IMPL", "cuda-magic")
-    with pytest.raises(ValueError, match="QTSPLUS_SELECTOR_IMPL must be"):
+    with pytest.raises(
+        ValueError, match=r"QTSPLUS_SELECTOR_IMPL='cuda-magic': must be one of auto, triton, torch"
+    ):
         _selector().select(torch.randn(5, 64, device=DEVICE), torch.randn(2, 64, device=DEVICE))
 
 

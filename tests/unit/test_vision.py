@@ -295,7 +295,9 @@ def test_forcing_an_attention_that_cannot_run_is_an_error(model_dir, monkeypatch
     with pytest.raises(ValueError, match="torch_varlen.*needs CUDA"):
         VisionEncoder.from_checkpoint(reader, config)
     monkeypatch.setenv(vision.ATTENTION_ENV, "magic")
-    with pytest.raises(ValueError, match="unknown ViT attention 'magic'"):
+    with pytest.raises(
+        ValueError, match=r"QTSPLUS_VIT_ATTENTION='magic': must be one of auto, vllm_flash_attn"
+    ):
         VisionEncoder.from_checkpoint(reader, config)
     monkeypatch.setenv(vision.ATTENTION_ENV, "sdpa_padded")
     assert VisionEncoder.from_checkpoint(reader, config).attention == "sdpa_padded"

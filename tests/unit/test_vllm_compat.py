@@ -29,10 +29,10 @@ import torch
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from qtsplus_vllm import vllm_releases
+from qtsplus_vllm import devices, vllm_releases
+from qtsplus_vllm.devices import device_for_rank, selection_devices
 from qtsplus_vllm.runtime import check_server_settings, default_device
 from qtsplus_vllm.serving import compat
-from qtsplus_vllm.serving.deployment import device_for_rank, selection_devices
 
 REPO = Path(__file__).resolve().parents[2]
 PROBE = Path(__file__).with_name("vllm_compat_probe.py")
@@ -156,16 +156,16 @@ def api_server(monkeypatch):
 
 def test_api_server_rank_from_vllms_process_name(api_server):
     api_server(None)
-    assert compat.api_server_rank() == 0  # one API server runs in the main process
+    assert devices.api_server_rank() == 0  # one API server runs in the main process
     api_server(3)
-    assert compat.api_server_rank() == 3
+    assert devices.api_server_rank() == 3
 
 
 def test_api_server_rank_in_multi_port_data_parallel(monkeypatch):
     monkeypatch.setattr(multiprocessing.current_process(), "name", "APIServer_DPRank_5")
-    assert compat.api_server_rank() == 5
+    assert devices.api_server_rank() == 5
     monkeypatch.setattr(multiprocessing.current_process(), "name", "EngineCore_DP1")
-    assert compat.api_server_rank() == 0  # not an API server
+    assert devices.api_server_rank() == 0  # not an API server
 
 
 def test_device_list_is_assigned_by_api_server_rank(monkeypatch, api_server):
