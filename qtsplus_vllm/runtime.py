@@ -39,6 +39,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .cancel import CancelToken
+from .cancel import check as check_cancelled
 from .checkpoint import CheckpointReader, load_config, validate_checkpoint
 from .config import SELECTOR_PREFIX
 from .feature_cache import CachedFeatures, FeatureCache, frames_digest
@@ -363,6 +365,7 @@ class SelectionRuntime:
         shape: tuple[int, int, int, int],
         preprocess: PreprocessConfig,
         timings: dict[str, float],
+        cancel: CancelToken | None = None,
     ) -> CachedFeatures:
         """ViT features of a video of ``shape`` [T, H, W, 3] from its ViT inputs, chunk by chunk.
 
@@ -371,11 +374,13 @@ class SelectionRuntime:
         whole video) is encoded on its own; its rows go into one preallocated [M, D] tensor. Chunks
         hold whole temporal patches and the ViT attends only within a temporal patch, so the rows
         are those of one pass over the whole video (up to floating-point blocking). Only one chunk's
-        pixels and activations exist at a time.
+        pixels and activations exist at a time. A cancelled ``cancel`` stops it before the next chunk
+        (:class:`~qtsplus_vllm.cancel.VideoCancelled`).
         """
         padded, size, m = chunk_geometry(shape, preprocess)
         visual, row = None, 0
         for pixel_values, grid_thw in inputs:
+            check_cancelled(cancel, row)  # a cancelled request's frames go now, not after the ViT
             clock = time.perf_counter()
             rows = self.vision(pixel_values, grid_thw)  # [c/2 · gh · gw / merge², D]
             del pixel_values
@@ -401,10 +406,11 @@ class SelectionRuntime:
         shape: tuple[int, int, int, int],
         preprocess: PreprocessConfig,
         timings: dict[str, float],
+        cancel: CancelToken | None = None,
     ) -> CachedFeatures:
         """ViT features of a video given as uint8 chunks [c, H, W, 3] of its ``shape[0]`` frames."""
         inputs = iter_vision_inputs(chunks, shape, preprocess, self.device, self.dtype, timings)
-        return self._encode_inputs(inputs, shape, preprocess, timings)
+        return self._encode_inputs(inputs, shape, preprocess, timings, cancel)
 
     def _encode_prepared(
         self, video: LazyVideo, preprocess: PreprocessConfig, timings: dict[str, float]
@@ -417,7 +423,9 @@ class SelectionRuntime:
             *video.shape[1:3], stream_chunk_frames(), _patches_per_frame(video.shape, preprocess)
         )
         inputs = prepared_vision_inputs(prepared, preprocess, chunk, self.device, self.dtype, timings)
-        return self._encode_inputs(self._beside_decoders(inputs), video.shape, preprocess, timings)
+        return self._encode_inputs(
+            self._beside_decoders(inputs), video.shape, preprocess, timings, video.plan.cancel
+        )
 
     def _beside_decoders(self, inputs: Iterator) -> Iterator:
         """``inputs``, with the CPU torch threads set by :func:`vit_threads` before each chunk (its
@@ -434,6 +442,8 @@ class SelectionRuntime:
             yield item
 
     def _encode(self, frames, preprocess: PreprocessConfig, timings: dict[str, float]) -> CachedFeatures:
+        if isinstance(frames, LazyVideo):
+            check_cancelled(frames.plan.cancel, 0)
         chunk = stream_chunk_frames()
         if isinstance(frames, LazyVideo) and frames.prepared is not None:
             if frames.prepared.matches(frames, preprocess):  # the loader decoded and resized it
@@ -465,7 +475,7 @@ class SelectionRuntime:
                 plan.limits.check_vit_patches(vit_patch_count(t, h, w, preprocess))
             stream = video.chunks(chunk, timings)
             try:
-                return self._encode_chunks(stream, video.shape, preprocess, timings)
+                return self._encode_chunks(stream, video.shape, preprocess, timings, video.plan.cancel)
             except FrameCountMismatch:  # the stream held another frame count: video.plan is redone
                 continue
             finally:
@@ -573,13 +583,16 @@ def prepare_mode() -> str:
 
 
 def track_video(video: object) -> int:
-    """Count ``video`` (our loader's item) as in flight until it is garbage; the number of other
-    videos in flight before it."""
+    """Count ``video`` (our loader's item) as in flight until it is garbage or :func:`release_video`-d;
+    the number of other videos in flight before it."""
     global _IN_FLIGHT
     with _IN_FLIGHT_LOCK:
         others = _IN_FLIGHT
         _IN_FLIGHT += 1
-    weakref.finalize(video, _video_done)
+    done = weakref.finalize(video, _video_done)
+    with contextlib.suppress(AttributeError):  # kept to end the count early (release_video)
+        video._qtsplus_in_flight = done
+    _notify_in_flight()
     return others
 
 
@@ -587,6 +600,35 @@ def _video_done() -> None:
     global _IN_FLIGHT
     with _IN_FLIGHT_LOCK:
         _IN_FLIGHT -= 1
+    _notify_in_flight()
+
+
+def release_video(video: object) -> None:
+    """A cancelled request's video: drop the frames it holds decoded ahead and count it out of the
+    videos in flight now, not when vLLM lets go of the item (idempotent)."""
+    if getattr(video, "prepared", None) is not None:
+        video.prepared = None
+    done = getattr(video, "_qtsplus_in_flight", None)
+    if done is not None:
+        done()  # a finalizer runs once: the item's garbage collection will not count it again
+
+
+_IN_FLIGHT_LISTENER = None  # called after each change (the serving layer's gauge)
+
+
+def set_in_flight_listener(listener) -> None:
+    """``listener()`` after every change of :func:`videos_in_flight`, outside the count's lock (a
+    finalizer may run in any thread at any allocation): it reads the count itself, so the last call
+    sees the last value. None: no listener."""
+    global _IN_FLIGHT_LISTENER
+    _IN_FLIGHT_LISTENER = listener
+
+
+def _notify_in_flight() -> None:
+    listener = _IN_FLIGHT_LISTENER
+    if listener is not None:
+        with contextlib.suppress(Exception):  # runs in finalizers: never let a metric break that
+            listener()
 
 
 def videos_in_flight() -> int:

@@ -61,9 +61,10 @@ from typing import Any
 import numpy as np
 from vllm.multimodal.video import VIDEO_LOADER_REGISTRY, VideoLoader
 
+from ..cancel import CancelToken, VideoCancelled, current_token
 from ..config import MODEL_TYPE
 from ..limits import LimitExceeded, RequestError, server_limits
-from ..runtime import prepare_video, should_prepare, track_video
+from ..runtime import prepare_video, release_video, should_prepare, track_video
 from ..streaming import EncodedVideo, LazyVideo
 from ..video import SamplingConfig, VideoDecodeError, probe_video
 from .errors import as_http_error
@@ -150,14 +151,18 @@ class QTSplusVideoLoader(VideoLoader):
     """Checks, plans and (by default) decodes and resizes a video in vLLM's media threads (module docstring)."""
 
     @classmethod
-    def probe(cls, data: bytes, kwargs: Mapping[str, Any]) -> tuple[EncodedVideo, dict[str, Any]]:
+    def probe(
+        cls, data: bytes, kwargs: Mapping[str, Any], cancel: CancelToken | None = None
+    ) -> tuple[EncodedVideo, dict[str, Any]]:
         """Video file bytes -> (an :class:`~qtsplus_vllm.streaming.EncodedVideo`, metadata), decoding nothing.
 
         The header checks and limits, a demux pass that counts the frames (and stops at
         ``QTSPLUS_MAX_SOURCE_FRAMES``) and the sampling plan. The first value is the encoded bytes
         as a 1-D uint8 array (a view of ``data``, no copy) carrying the plan. The metadata has the
         keys of ``VideoLoader.create_hf_metadata``; vLLM hashes it with the bytes, so the same video
-        sampled differently is a different cache entry.
+        sampled differently is a different cache entry. ``cancel`` (the request's
+        :class:`~qtsplus_vllm.cancel.CancelToken`) stops the demux pass within a packet and rides on
+        the plan to every later pass over the video.
         """
         sampling = sampling_from_kwargs(kwargs)
         if not data:
@@ -165,7 +170,7 @@ class QTSplusVideoLoader(VideoLoader):
         limits = server_limits()
         try:
             limits.check_video_bytes(len(data))
-            plan = probe_video(data, sampling, limits)
+            plan = probe_video(data, sampling, limits, cancel)
         except LimitExceeded as err:
             raise as_http_error(err) from err
         except VideoDecodeError as err:
@@ -192,15 +197,37 @@ class QTSplusVideoLoader(VideoLoader):
         default preprocessing here, in the media thread, and attached to the item
         (``EncodedVideo.prepared``, uint8, 1,176 B per ViT patch); vLLM still sees and hashes the
         encoded bytes only. Skipped when the ViT-feature cache already holds the video (a
-        follow-up question decodes nothing). ``num_frames`` is accepted and ignored.
+        follow-up question decodes nothing). ``num_frames`` is accepted and ignored. Every pass
+        stops within a frame when the request is cancelled (:mod:`qtsplus_vllm.cancel`).
         """
-        encoded, metadata = cls.probe(data, kwargs)
-        if should_prepare(track_video(encoded)):
+        cancel = current_token()  # the request's, set by the media connector (serving.cancellation)
+        if cancel is None:
+            return cls._load(data, kwargs, None)
+        cancel.begin()
+        try:
+            return cls._load(data, kwargs, cancel)
+        except VideoCancelled:
+            raise
+        except BaseException:
+            cancel.finish()  # failed on its own: an error, not a cancellation
+            raise
+
+    @classmethod
+    def _load(
+        cls, data: bytes, kwargs: Mapping[str, Any], cancel: CancelToken | None
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        encoded, metadata = cls.probe(data, kwargs, cancel)
+        others = track_video(encoded)
+        if cancel is not None:  # cancelled: the frames decoded ahead go, the video leaves the count
+            cancel.release(encoded, release_video)
+        if should_prepare(others):
             video = LazyVideo(encoded)
             prepared = _decoding(video, lambda: prepare_video(video))
             if prepared is not None:
                 encoded.plan, encoded.prepared = video.plan, prepared
                 _final_plan(metadata, video)
+                if cancel is not None and cancel.cancelled:  # cancelled while the last chunk was resized
+                    release_video(encoded)
         return encoded, metadata
 
 
@@ -217,7 +244,7 @@ class QTSplusFramesVideoLoader(QTSplusVideoLoader):
     def load_bytes(
         cls, data: bytes, /, num_frames: int = -1, **kwargs: Any
     ) -> tuple[np.ndarray, dict[str, Any]]:
-        encoded, metadata = cls.probe(data, kwargs)
+        encoded, metadata = cls.probe(data, kwargs, current_token())
         video = LazyVideo(encoded)
         frames = _decoding(video, video.to_array)
         _final_plan(metadata, video)
