@@ -29,7 +29,7 @@ from ..cancel import CancelToken, current_token, working_for
 from ..runtime import set_in_flight_listener, videos_in_flight
 from .metrics import metrics
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("vllm.qtsplus")  # under vLLM's logger tree: shown with its log settings
 
 _WRAPPED = "_qtsplus_cancellable"
 
