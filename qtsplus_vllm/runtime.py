@@ -342,7 +342,10 @@ class SelectionRuntime:
         self.selector = QTSplusSelector.from_config(self.config).to(device=self.device, dtype=dtype).eval()
         self.selector.load_state_dict(reader.load_prefix(SELECTOR_PREFIX, dtype=dtype, device=self.device))
         self.embed_tokens = reader.load([EMBED_KEY], dtype=dtype)[EMBED_KEY]  # [V, D], stays on CPU
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # one selection at a time (select)
+        # one ViT chunk at a time: media threads encoding their videos (encode_ahead) and the
+        # processor take turns chunk by chunk, so no video holds the ViT for its whole length
+        self.vit_lock = threading.Lock()
         max_bytes, cache_device, host_bytes = feature_cache_settings()
         self.feature_cache = FeatureCache.sized(cache_device or self.device, max_bytes, host_bytes)
 
@@ -382,7 +385,8 @@ class SelectionRuntime:
         for pixel_values, grid_thw in inputs:
             check_cancelled(cancel, row)  # a cancelled request's frames go now, not after the ViT
             clock = time.perf_counter()
-            rows = self.vision(pixel_values, grid_thw)  # [c/2 · gh · gw / merge², D]
+            with self.vit_lock:
+                rows = self.vision(pixel_values, grid_thw)  # [c/2 · gh · gw / merge², D]
             del pixel_values
             if visual is None:
                 visual = torch.empty(m, rows.shape[1], dtype=rows.dtype, device=rows.device)
@@ -482,6 +486,22 @@ class SelectionRuntime:
                 stream.close()  # stops the decoder thread on any failure
 
     @torch.inference_mode()
+    def encode_ahead(self, video: LazyVideo, preprocess: PreprocessConfig) -> LoaderFeatures | None:
+        """The ViT's rows of ``video`` computed in the calling thread (a media thread), for the processor.
+
+        Decoded as a stream next to the ViT, exactly as :meth:`select` does, without the selection's
+        lock: only each ViT chunk holds :attr:`vit_lock`. None when the feature cache already holds
+        the video with these settings (the processor's selection finds them there).
+        """
+        if self.feature_cache.max_bytes and self.feature_cache.contains(video.digest(astuple(preprocess))):
+            return None
+        timings = {"decode_ms": 0.0, "decode_wait_ms": 0.0, "preprocess_ms": 0.0, "vit_ms": 0.0}
+        threads = torch_threads(cpu_threads()) if self.device.type == "cpu" else contextlib.nullcontext()
+        with threads:
+            features = self._encode(video, preprocess, timings)
+        return LoaderFeatures(features, astuple(preprocess), video.plan.key(), timings)
+
+    @torch.inference_mode()
     def select(
         self, frames: np.ndarray | LazyVideo, question_ids: list[int], options: SelectionOptions
     ) -> VideoSelection:
@@ -505,7 +525,15 @@ class SelectionRuntime:
             cached = self.feature_cache.get(key, self.device) if key is not None else None
             timings["hash_ms"] = (time.perf_counter() - clock) * 1e3
 
-            if cached is None:
+            ahead = getattr(frames, "features", None) if isinstance(frames, LazyVideo) else None
+            if cached is None and ahead is not None and ahead.matches(frames, preprocess):
+                cached = ahead.features  # the loader encoded it (encode_ahead): no decoding, no ViT here
+                for stage, ms in ahead.timings_ms.items():
+                    timings[stage] = timings.get(stage, 0.0) + ms
+                if key is not None:
+                    self.feature_cache.put(key, cached)
+                hit = False
+            elif cached is None:
                 cached = self._encode(frames, preprocess, timings)
                 if key is not None:
                     self.feature_cache.put(key, cached)
@@ -548,6 +576,21 @@ class SelectionRuntime:
 
 # -- decoding ahead, in the media loader -----------------------------------------------------------
 
+
+@dataclass
+class LoaderFeatures:
+    """A video's ViT rows computed in the media loader (:meth:`SelectionRuntime.encode_ahead`), for
+    the settings and plan they were computed with, and the loader's stage timings."""
+
+    features: CachedFeatures
+    settings: tuple
+    plan_key: tuple
+    timings_ms: dict[str, float]
+
+    def matches(self, video: LazyVideo, config: PreprocessConfig) -> bool:
+        return self.settings == astuple(config) and self.plan_key == video.plan.key()
+
+
 PREPARE_ENV = "QTSPLUS_PREPARE_IN_LOADER"
 _LOADER_PREPROCESS: PreprocessConfig | None = None
 _IN_FLIGHT = 0  # videos our loader returned that are still alive (loading, queued or being encoded)
@@ -556,9 +599,11 @@ _IN_FLIGHT_LOCK = threading.Lock()
 
 
 def prepare_mode() -> str:
-    """``QTSPLUS_PREPARE_IN_LOADER``: ``auto`` (default), ``1`` or ``0`` — where a video is decoded.
+    """``QTSPLUS_PREPARE_IN_LOADER``: ``vit`` (default), ``auto``, ``1`` or ``0`` — where a video is decoded.
 
-    ``1``: the loader decodes and resizes each video as soon as it is fetched, in vLLM's media
+    ``vit``: the loader decodes the video as a stream into the ViT, in vLLM's media thread pool
+    (:func:`encode_ahead`), so that no video's decoding ever runs on the processing thread (one per
+    API server, which every request needs): the processor runs only the selector. ``1``: the loader decodes and resizes each video as soon as it is fetched, in vLLM's media
     thread pool, where the videos of concurrent requests are decoded in parallel; the processor
     (one thread per API server) then runs only the ViT and the selector. ``0``: the loader only
     plans the video and the processor decodes it as a stream next to the ViT — one video at a time
@@ -568,7 +613,8 @@ def prepare_mode() -> str:
     """
     raw = os.environ.get(PREPARE_ENV, "").strip().lower()
     aliases = {
-        "": "auto",
+        "": "vit",
+        "vit": "vit",
         "auto": "auto",
         "1": "1",
         "true": "1",
@@ -578,7 +624,7 @@ def prepare_mode() -> str:
         "off": "0",
     }
     if raw not in aliases:
-        raise ValueError(f"{PREPARE_ENV} must be auto, 1 or 0, got {raw!r}")
+        raise ValueError(f"{PREPARE_ENV} must be vit, auto, 1 or 0, got {raw!r}")
     return aliases[raw]
 
 
@@ -604,10 +650,12 @@ def _video_done() -> None:
 
 
 def release_video(video: object) -> None:
-    """A cancelled request's video: drop the frames it holds decoded ahead and count it out of the
-    videos in flight now, not when vLLM lets go of the item (idempotent)."""
+    """A cancelled request's video: drop the frames (or ViT rows) it holds from the loader and count
+    it out of the videos in flight now, not when vLLM lets go of the item (idempotent)."""
     if getattr(video, "prepared", None) is not None:
         video.prepared = None
+    if getattr(video, "features", None) is not None:
+        video.features = None
     done = getattr(video, "_qtsplus_in_flight", None)
     if done is not None:
         done()  # a finalizer runs once: the item's garbage collection will not count it again
@@ -712,6 +760,49 @@ def prepare_video(video: LazyVideo, preprocess: PreprocessConfig | None = None) 
     release_device_memory(device)
     logger.warning(
         "QTSplus: decoding a %s video ahead failed (%s); the processor decodes it", list(video.shape), reason
+    )
+    return None
+
+
+_LOADER_RUNTIME = None  # () -> SelectionRuntime: the server's, for encode_ahead (set by the processor)
+
+
+def set_loader_runtime(load) -> None:
+    """How the media loader gets the server's runtime (``load()``; loads it on the first video)."""
+    global _LOADER_RUNTIME
+    _LOADER_RUNTIME = load
+
+
+def encode_ahead(video: LazyVideo, preprocess: PreprocessConfig | None = None) -> LoaderFeatures | None:
+    """The ViT's rows of ``video`` computed here, in the media loader (``QTSPLUS_PREPARE_IN_LOADER=vit``),
+    or None where that would be wasted or cannot be done here (as :func:`prepare_video`; also when no
+    runtime is known to this process). A runtime that cannot be loaded raises its 503."""
+    if _DEVICE_FAILURE is not None:
+        return None
+    preprocess = preprocess or loader_preprocess()
+    t, h, w, _ = video.shape
+    if vit_patch_count(t, h, w, preprocess) > server_limits().max_vit_patches:
+        return None
+    runtime = loaded_runtime()
+    if runtime is None and _LOADER_RUNTIME is not None:
+        runtime = _LOADER_RUNTIME()
+    if runtime is None:
+        return None
+    try:
+        with preparing_video():
+            return runtime.encode_ahead(video, preprocess)
+    except (RuntimeError, MemoryError) as err:
+        if not (out_of_memory(err) or sticky_device_error(err)):
+            raise
+        failure = report_device_failure(runtime, err)  # a poisoned device: the request's 503
+        if failure is not None:
+            raise failure from None
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+    release_device_memory(runtime.device)
+    logger.warning(
+        "QTSplus: encoding a %s video in the loader failed (%s); the processor decodes it",
+        list(video.shape),
+        reason,
     )
     return None
 

@@ -54,6 +54,7 @@ from ..runtime import (
     release_device_memory,
     report_device_failure,
     set_loader_preprocess,
+    set_loader_runtime,
     trust_client_uuids,
 )
 from ..streaming import LazyVideo, is_encoded_video
@@ -182,8 +183,8 @@ def _finished(frames) -> None:
     if isinstance(frames, LazyVideo):
         if frames.plan.cancel is not None:
             frames.plan.cancel.finish()
-        frames.prepared = None
-        frames.data.prepared = None
+        frames.prepared = frames.features = None
+        frames.data.prepared = frames.data.features = None
 
 
 def load_runtime(get, model_config):
@@ -268,6 +269,7 @@ class QTSplusMultiModalProcessor(BaseMultiModalProcessor[QTSplusProcessingInfo])
         defaults = parse_options(info.ctx.get_mm_config().mm_processor_kwargs or {})
         check_server_settings(model_config.model, model_config.revision)
         set_loader_preprocess(defaults.preprocess_config())  # what the media loader resizes to
+        set_loader_runtime(lambda: load_runtime(get_runtime, model_config))  # ... and encodes with
         # every video through our loader and sampling rules, whatever the checkpoint's files name
         loader = bind_video_loader(info.ctx.get_mm_config())
         report_startup(model_config, defaults, loader)

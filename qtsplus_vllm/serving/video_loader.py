@@ -63,8 +63,8 @@ from vllm.multimodal.video import VIDEO_LOADER_REGISTRY, VideoLoader
 
 from ..cancel import CancelToken, VideoCancelled, current_token
 from ..config import MODEL_TYPE
-from ..limits import LimitExceeded, RequestError, server_limits
-from ..runtime import prepare_video, release_video, should_prepare, track_video
+from ..limits import LimitExceeded, RequestError, SelectionUnavailable, server_limits
+from ..runtime import encode_ahead, prepare_mode, prepare_video, release_video, should_prepare, track_video
 from ..streaming import EncodedVideo, LazyVideo
 from ..video import SamplingConfig, VideoDecodeError, probe_video
 from .errors import as_http_error
@@ -143,7 +143,7 @@ def _decoding(video: LazyVideo, decode):
     said) as the request's HTTP error."""
     try:
         return decode()
-    except LimitExceeded as err:
+    except (LimitExceeded, SelectionUnavailable) as err:
         raise as_http_error(err) from err
 
 
@@ -220,7 +220,15 @@ class QTSplusVideoLoader(VideoLoader):
         others = track_video(encoded)
         if cancel is not None:  # cancelled: the frames decoded ahead go, the video leaves the count
             cancel.release(encoded, release_video)
-        if should_prepare(others):
+        if prepare_mode() == "vit":  # decoded into the ViT here: the processor only selects
+            video = LazyVideo(encoded)
+            features = _decoding(video, lambda: encode_ahead(video))
+            if features is not None:
+                encoded.plan, encoded.features = video.plan, features
+                _final_plan(metadata, video)
+                if cancel is not None and cancel.cancelled:
+                    release_video(encoded)
+        elif should_prepare(others):
             video = LazyVideo(encoded)
             prepared = _decoding(video, lambda: prepare_video(video))
             if prepared is not None:
