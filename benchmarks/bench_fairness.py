@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # this checkout's package, also for the client side
 MEDIA_DIR = REPO / "benchmarks" / "media"
 OUT_DIR = REPO / "benchmarks" / "results" / "fairness"
 LOG_LINE = re.compile(
@@ -41,13 +42,13 @@ LOG_LINE = re.compile(
 )
 
 
-def long_video(minutes: float) -> Path:
+def long_video(minutes: float, seed: int) -> Path:
     from qtsplus_vllm.testing.videos import make_long_video
 
-    path = MEDIA_DIR / f"fairness-720p-{minutes:g}min.mp4"
+    path = MEDIA_DIR / f"fairness-720p-{minutes:g}min-{seed}.mp4"
     if not path.is_file():
         print(f"generating {path.name} ...", flush=True)
-        make_long_video(path, minutes * 60, (1280, 720), 30, seed=11)
+        make_long_video(path, minutes * 60, (1280, 720), 30, seed=seed)
     return path
 
 
@@ -107,8 +108,9 @@ def run(args) -> dict:
     from qtsplus_vllm.testing import write_tiny_checkpoint
     from qtsplus_vllm.testing.server import RemoteServer, cpu_serve_args
 
-    long = long_video(args.minutes)
-    shorts = [short_video(args.short_seconds, seed=30 + i) for i in range(args.repeats + 1)]
+    # distinct videos everywhere: a repeated one would be answered from the ViT-feature cache
+    longs = [long_video(args.minutes, seed=11 + r) for r in range(args.repeats)]
+    shorts = [short_video(args.short_seconds, seed=30 + i) for i in range(args.repeats + 4)]
     env = {"PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
     env.update(dict(item.split("=", 1) for item in args.env))
     with tempfile.TemporaryDirectory() as tmp:
@@ -125,15 +127,24 @@ def run(args) -> dict:
             alone = {
                 "text": [ask(client, name, "text", None, time.perf_counter(), f"Say {i}.") for i in range(3)],
                 "short_video": [
-                    ask(client, name, "short video", shorts[-1], time.perf_counter(), f"Question {i}?")
+                    ask(
+                        client,
+                        name,
+                        "short video",
+                        shorts[args.repeats + i],
+                        time.perf_counter(),
+                        "Question?",
+                    )
                     for i in range(3)
-                ],  # fmt: skip
+                ],
             }
             runs = []
             for r in range(args.repeats):
                 t0 = time.perf_counter()
                 with concurrent.futures.ThreadPoolExecutor(16) as pool:
-                    futures = [pool.submit(ask, client, name, "long video", long, t0, f"What happens? {r}")]
+                    futures = [
+                        pool.submit(ask, client, name, "long video", longs[r], t0, f"What happens? {r}")
+                    ]
                     time.sleep(args.delay)
                     futures.append(
                         pool.submit(ask, client, name, "short video", shorts[r], t0, f"What is shown? {r}")
