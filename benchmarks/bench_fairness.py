@@ -207,7 +207,7 @@ def plot(result: dict, path: Path) -> None:
     colours = {"long video": "tab:red", "short video": "tab:blue", "text": "tab:green"}
     for i, r in enumerate(reqs):
         ax.barh(i, r["ttft_s"], left=r["sent_s"], color=colours[r["kind"]], height=0.6)
-        ax.text(r["first_token_s"] + 0.3, i, f"{r['kind']}: {r['ttft_s']:.1f} s", va="center", fontsize=8)
+        ax.text(r["first_token_s"] + 0.3, i, f"{r['kind']}: {r['ttft_s']:.2f} s", va="center", fontsize=8)
     ax.set_yticks([])
     ax.set_xlabel("seconds since the long video was sent (bar: send → first token)")
     ax.set_title(f"{result['label']}: {result['settings']['minutes']:g}-min 720p video + short video + text")

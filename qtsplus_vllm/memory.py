@@ -130,6 +130,7 @@ class RequestMemory:
     chunk_patches: int
     device_terms: tuple[str, ...] = field(default=())
     prepare: bool = True  # QTSPLUS_PREPARE_IN_LOADER: decoded and resized in a media thread
+    encode: bool = False  # QTSPLUS_PREPARE_IN_LOADER=vit: decoded into the ViT in a media thread
 
     @property
     def held_bytes(self) -> int:
@@ -140,12 +141,16 @@ class RequestMemory:
         """The media thread's working set while it decodes and resizes this video (0 when the
         processor decodes it): every video being loaded has its own, at the same time."""
         w = self.working
+        if self.encode:  # the streamed path's working set, in the media thread
+            return w["decoded_chunks"] + w["decoder"] + max(w["resize"] + w["chunk_pixels"], w["vit"])
         return w["decoded_chunks"] + w["decoder"] + w["resize"] if self.prepare else 0
 
     @property
     def processor_bytes(self) -> int:
         """The processor's working set for this video (one video at a time per API server)."""
         w = self.working
+        if self.encode:  # the loader ran the ViT: the processor only selects
+            return w["selector"]
         if self.prepare:
             encode = max(w["chunk_pixels"], w["vit"])
         else:
@@ -220,6 +225,7 @@ def request_memory(
     source: str = "file",
     device: str = "cpu",
     prepare: bool = True,
+    encode: bool = False,
 ) -> RequestMemory:
     """The memory one in-flight video takes (module docstring), from its encoded size, its source
     frame size (width × height), the frames it keeps, the model and the settings.
@@ -227,7 +233,10 @@ def request_memory(
     ``selected``: n (default the most it can be, min(nmax, M)). ``decoder_threads``: FFmpeg's frame
     threads (it uses cores + 1, at most 16). ``source``: ``file``, ``http`` or ``data`` (how many
     copies of the encoded bytes vLLM holds). ``device``: where the runtime runs (``cpu`` or ``cuda``).
-    ``prepare``: ``QTSPLUS_PREPARE_IN_LOADER`` (the loader decodes and resizes; default on).
+    ``prepare``: ``QTSPLUS_PREPARE_IN_LOADER=1`` (the loader decodes and resizes). ``encode``:
+    ``QTSPLUS_PREPARE_IN_LOADER=vit``, the server's default (the loader decodes the video as a stream
+    into the ViT; nothing is held resized, each loading video has the streamed path's working set and
+    the processor's is the selector's); it overrides ``prepare``.
     """
     preprocess = preprocess or PreprocessConfig()
     limits = limits or Limits()
@@ -238,6 +247,7 @@ def request_memory(
     m = t // 2 * (h // f) * (w // f)
     n = min(model.nmax, m) if selected is None else selected
     c = min(chunk_frames_for(hd, wd, chunk_setting, (h // p) * (w // p)), t)
+    prepare = prepare and not encode
     decoded = min(prepare_chunk_frames(hd, wd), t) if prepare else c  # frames per decoded chunk
     batch = resize_batch_for(hd, wd)
     per_pair = (h // p) * (w // p)
@@ -270,6 +280,7 @@ def request_memory(
         chunk_patches=chunk_patches,
         device_terms=() if device == "cpu" else ("rows",),
         prepare=prepare,
+        encode=encode,
     )
 
 

@@ -5,12 +5,12 @@ calls ``loader.load_bytes(data, num_frames=..., **media_io_kwargs["video"])``. I
 keeps 32 frames; :class:`QTSplusVideoLoader` plans qwen-vl-utils' frames (PyAV, ``smart_nframes``,
 even count): it checks the header and the limits, counts the frames with a demux pass and returns
 the encoded bytes with the plan (:class:`~qtsplus_vllm.streaming.EncodedVideo`). By default it then
-decodes the planned frames and resizes them for the ViT right here, in the media thread pool, when
-another video is in flight, so that the videos of concurrent requests decode in parallel while the
-processor (one thread per API server) runs the ViT and the selector; a video alone is decoded by the
-processor as a stream into the ViT (``qtsplus_vllm.streaming``), overlapping the two
-(``QTSPLUS_PREPARE_IN_LOADER``: ``auto``, ``1`` always, ``0`` never). Nothing is decoded when the ViT
-features of this video are cached. Errors found here (an unreadable file, a limit, a stream
+decodes the planned frames as a stream into the ViT right here, in the media thread pool
+(``runtime.encode_ahead``), so that no video's decoding runs on the processor's single thread, which
+then only runs the selector (``QTSPLUS_PREPARE_IN_LOADER=vit``; ``1``: decode and resize only,
+``0``: the processor decodes, ``auto``: ``1`` while another video is in flight, else ``0``). Nothing
+is decoded when the ViT features of this video are cached. Every pass stops within a frame when the
+request is cancelled (``qtsplus_vllm.cancel``). Errors found here (an unreadable file, a limit, a stream
 that cannot be decoded) are the request's 400/413.
 
 Selection, in vLLM's order (media/connector.py ``fetch_video`` then ``VideoMediaIO.__init__``):
@@ -192,11 +192,11 @@ class QTSplusVideoLoader(VideoLoader):
     ) -> tuple[np.ndarray, dict[str, Any]]:
         """Video file bytes -> (an :class:`~qtsplus_vllm.streaming.EncodedVideo`, metadata).
 
-        :meth:`probe`, then — with ``QTSPLUS_PREPARE_IN_LOADER=1``, or ``auto`` (the default) while
-        another video is in flight — the planned frames are decoded and resized to the server's
-        default preprocessing here, in the media thread, and attached to the item
-        (``EncodedVideo.prepared``, uint8, 1,176 B per ViT patch); vLLM still sees and hashes the
-        encoded bytes only. Skipped when the ViT-feature cache already holds the video (a
+        :meth:`probe`, then — with ``QTSPLUS_PREPARE_IN_LOADER=vit`` (the default) — the planned frames
+        are decoded into the ViT at the server's default preprocessing here, in the media thread, and
+        the rows attached to the item (``EncodedVideo.features``); with ``1``, or ``auto`` while
+        another video is in flight, they are decoded and resized only (``EncodedVideo.prepared``,
+        uint8, 1,176 B per ViT patch). vLLM still sees and hashes the encoded bytes only. Skipped when the ViT-feature cache already holds the video (a
         follow-up question decodes nothing). ``num_frames`` is accepted and ignored. Every pass
         stops within a frame when the request is cancelled (:mod:`qtsplus_vllm.cancel`).
         """

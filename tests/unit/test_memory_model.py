@@ -113,6 +113,24 @@ def test_the_model_follows_the_loaders_bounds():
     assert sixty.loader_bytes == ten.loader_bytes and sixty.held["prepared"] > ten.held["prepared"]
 
 
+def test_the_model_follows_the_loaders_stream_into_the_vit():
+    """``QTSPLUS_PREPARE_IN_LOADER=vit`` (the server's default): nothing is held resized; each video
+    being loaded has the streamed path's working set (decoder, chunks, resize, chunk pixels, ViT) in
+    its media thread; the processor's is the selector's alone."""
+    ten = request_memory(encoded_bytes=0, width=1280, height=720, kept_frames=600, encode=True)
+    streamed = request_memory(encoded_bytes=0, width=1280, height=720, kept_frames=600, prepare=False)
+    assert ten.encode and not ten.prepare and "prepared" not in ten.held
+    assert ten.held == streamed.held and ten.working == streamed.working
+    w = ten.working
+    assert ten.loader_bytes == w["decoded_chunks"] + w["decoder"] + max(
+        w["resize"] + w["chunk_pixels"], w["vit"]
+    )
+    assert ten.processor_bytes == w["selector"]
+    assert ten.total == ten.held_bytes + ten.features + max(ten.loader_bytes, ten.processor_bytes)
+    four = peak_bytes([ten] * 4)
+    assert four == 4 * (ten.held_bytes + ten.features + ten.loader_bytes) + w["selector"]
+
+
 def test_held_and_working_parts_add_up_over_videos_in_flight():
     one = request_memory(encoded_bytes=100 * MiB, width=1280, height=720, kept_frames=600, model=QTSPLUS_7B)
     assert one.total == one.held_bytes + one.features + one.working_bytes
