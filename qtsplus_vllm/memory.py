@@ -226,6 +226,7 @@ def request_memory(
     device: str = "cpu",
     prepare: bool = True,
     encode: bool = False,
+    select: bool = True,
 ) -> RequestMemory:
     """The memory one in-flight video takes (module docstring), from its encoded size, its source
     frame size (width × height), the frames it keeps, the model and the settings.
@@ -236,7 +237,9 @@ def request_memory(
     ``prepare``: ``QTSPLUS_PREPARE_IN_LOADER=1`` (the loader decodes and resizes). ``encode``:
     ``QTSPLUS_PREPARE_IN_LOADER=vit``, the server's default (the loader decodes the video as a stream
     into the ViT; nothing is held resized, each loading video has the streamed path's working set and
-    the processor's is the selector's); it overrides ``prepare``.
+    the processor's is the selector's); it overrides ``prepare``. ``select=False``: the request turns
+    the selection off (``qtsplus_select: false``): its rows are all M visual tokens (n = M) and no
+    selector runs.
     """
     preprocess = preprocess or PreprocessConfig()
     limits = limits or Limits()
@@ -245,7 +248,10 @@ def request_memory(
     h, w = target_size(hd, wd, t, preprocess)
     p, f = preprocess.patch_size, preprocess.factor
     m = t // 2 * (h // f) * (w // f)
-    n = min(model.nmax, m) if selected is None else selected
+    if not select:
+        n = m  # every ViT token is a row for the LM
+    else:
+        n = min(model.nmax, m) if selected is None else selected
     c = min(chunk_frames_for(hd, wd, chunk_setting, (h // p) * (w // p)), t)
     prepare = prepare and not encode
     decoded = min(prepare_chunk_frames(hd, wd), t) if prepare else c  # frames per decoded chunk
@@ -265,7 +271,7 @@ def request_memory(
         "resize": batch * (hd * wd * 3 + hd * wd * 3 * 4 + hd * w * 3 * 4 + frame_out),
         "chunk_pixels": PIXEL_COPIES * c * frame_out,
         "vit": c * frame_out * model.dtype_bytes // 4 + vit_activation_bytes(chunk_patches, per_pair, model),
-        "selector": selector_bytes(m, n, question_tokens, model, device),
+        "selector": selector_bytes(m, n, question_tokens, model, device) if select else 0,
     }
     return RequestMemory(
         held=held,
@@ -309,8 +315,12 @@ def worst_case_request(
     preprocess: PreprocessConfig | None = None,
     source: str = "file",
     decoder_threads: int = 3,
+    select: bool = True,
+    encode: bool = False,
 ) -> RequestMemory:
-    """An upper bound of :func:`request_memory` over every video the limits admit at these settings.
+    """An upper bound of :func:`request_memory` over every video the limits admit at these settings
+    (``select=False``: for a request that turns the selection off — all M rows, no selector;
+    ``encode``: the loader streams into the ViT, ``QTSPLUS_PREPARE_IN_LOADER=vit``).
 
     Each term at its own maximum: the encoded size ``QTSPLUS_MAX_VIDEO_BYTES``; the decoder at the
     largest source frame (``QTSPLUS_MAX_FRAME_PIXELS``); the chunk, resize and ViT terms at the largest
@@ -338,13 +348,18 @@ def worst_case_request(
                 limits=limits,
                 decoder_threads=decoder_threads,
                 source=source,
+                select=select,
+                encode=encode,
             )
         )
     top = max(estimates, key=lambda e: e.working_bytes)
     m = limits.max_vit_patches // preprocess.merge_size**2
-    n = min(model.nmax, m)
+    n = min(model.nmax, m) if select else m
     working = {k: max(e.working[k] for e in estimates) for k in top.working}
-    working["selector"] = max(working["selector"], selector_bytes(m, n, limits.max_question_tokens, model))
+    if select:
+        working["selector"] = max(
+            working["selector"], selector_bytes(m, n, limits.max_question_tokens, model)
+        )
     held = {k: max(e.held[k] for e in estimates) for k in top.held}
     held["rows"] = ROW_COPIES * n * model.hidden * model.dtype_bytes
     return replace(

@@ -37,6 +37,20 @@ def test_the_default_limits_worst_case_is_within_the_stated_budget(name):
     assert worst.working["decoded_chunks"] <= (QUEUE_CHUNKS + 2) * CHUNK_BYTES
 
 
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("select", [True, False], ids=["selection", "selection-off"])
+@pytest.mark.parametrize("encode", [False, True], ids=["decode-ahead", "loader-vit"])
+def test_every_mode_s_worst_case_is_within_the_stated_budget(name, select, encode):
+    """Also a request that turns the selection off (all M rows, no selector: the rows' ROW_COPIES·M·D
+    are in the model), and the server's default mode, where the loader streams into the ViT."""
+    worst = worst_case_request(MODELS[name], select=select, encode=encode)
+    assert worst.total <= WORST_CASE_BUDGET[name]
+    m = Limits().max_vit_patches // 4
+    if not select:
+        assert worst.selected == m and worst.working["selector"] == 0
+        assert worst.held["rows"] == 4 * m * MODELS[name].hidden * MODELS[name].dtype_bytes
+
+
 def _most_frames(width, height, limits, config):
     for t in range(limits.max_frames - limits.max_frames % 2, 1, -2):
         try:
