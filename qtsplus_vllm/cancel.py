@@ -21,7 +21,7 @@ import contextlib
 import contextvars
 import threading
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 
 class VideoCancelled(Exception):
@@ -40,6 +40,10 @@ class CancelToken:
     holds. ``on_cancel(videos)`` is called once by :meth:`cancel` with the number of videos begun
     and not finished (the work cancelling stopped), and with 1 for each video begun afterwards.
     """
+
+    # the request's own ``mm_processor_kwargs`` (they reach vLLM's processor only): the loader prepares
+    # the video at the request's settings, so a request with its own max_pixels is not decoded twice
+    mm_processor_kwargs: Mapping[str, object] | None = None
 
     def __init__(self, on_cancel: Callable[[int], None] | None = None):
         self._event = threading.Event()

@@ -719,7 +719,24 @@ def set_loader_preprocess(config: PreprocessConfig) -> None:
     _LOADER_PREPROCESS = config
 
 
-def loader_preprocess() -> PreprocessConfig:
+_REQUEST_PREPROCESS = None  # (request mm_processor_kwargs) -> PreprocessConfig (set by the processor)
+
+
+def set_request_preprocess(resolve) -> None:
+    """How the loader finds a request's preprocessing from its own ``mm_processor_kwargs`` (the
+    server's defaults merged with them, as the processor does)."""
+    global _REQUEST_PREPROCESS
+    _REQUEST_PREPROCESS = resolve
+
+
+def loader_preprocess(request_kwargs=None) -> PreprocessConfig:
+    """The preprocessing the loader prepares a video for: the request's when it sets its own (and
+    they are valid: else the processor refuses the request), else the server's defaults."""
+    if request_kwargs and _REQUEST_PREPROCESS is not None:
+        try:
+            return _REQUEST_PREPROCESS(request_kwargs)
+        except (ValueError, TypeError):
+            pass
     return _LOADER_PREPROCESS or PreprocessConfig()
 
 

@@ -10,7 +10,9 @@ Two seams see the ``CancelledError`` on its way out:
 - :func:`request_scope` wraps ``BaseRenderer.render_chat_async`` — the whole chat render: the media
   fetches and the processing — giving the request one token in a context variable that the tasks it
   starts inherit (:func:`install`); a ``CancelledError`` or any error leaving it (a sibling video
-  refused) cancels the token;
+  refused) cancels the token. The token also carries the request's ``mm_processor_kwargs`` (vLLM
+  hands them to the render, not to the media loader), so that the loader prepares a video at the
+  request's own settings;
 - the plugin's media connector (``serving.media``) takes that token (or makes its own) for each video
   it fetches, hands it to the loader in the media thread, and cancels it when the fetch is cancelled.
 
@@ -66,7 +68,9 @@ async def request_scope() -> AsyncIterator[CancelToken]:
 def _cancellable(method):
     @functools.wraps(method)
     async def render(*args, **kwargs):
-        async with request_scope():
+        async with request_scope() as token:
+            extras = kwargs.get("prompt_extras") or {}
+            token.mm_processor_kwargs = extras.get("mm_processor_kwargs") or None  # for the loader
             return await method(*args, **kwargs)
 
     setattr(render, _WRAPPED, True)

@@ -55,6 +55,7 @@ from ..runtime import (
     report_device_failure,
     set_loader_preprocess,
     set_loader_runtime,
+    set_request_preprocess,
     trust_client_uuids,
 )
 from ..streaming import LazyVideo, is_encoded_video
@@ -270,6 +271,12 @@ class QTSplusMultiModalProcessor(BaseMultiModalProcessor[QTSplusProcessingInfo])
         check_server_settings(model_config.model, model_config.revision)
         set_loader_preprocess(defaults.preprocess_config())  # what the media loader resizes to
         set_loader_runtime(lambda: load_runtime(get_runtime, model_config))  # ... and encodes with
+        mm_config = info.ctx.get_mm_config()  # a request's own settings, for its loader
+        set_request_preprocess(
+            lambda kwargs: parse_options(
+                mm_config.merge_mm_processor_kwargs(dict(kwargs))
+            ).preprocess_config()
+        )
         # every video through our loader and sampling rules, whatever the checkpoint's files name
         loader = bind_video_loader(info.ctx.get_mm_config())
         report_startup(model_config, defaults, loader)

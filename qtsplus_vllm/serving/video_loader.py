@@ -64,7 +64,15 @@ from vllm.multimodal.video import VIDEO_LOADER_REGISTRY, VideoLoader
 from ..cancel import CancelToken, VideoCancelled, current_token
 from ..config import MODEL_TYPE
 from ..limits import LimitExceeded, RequestError, SelectionUnavailable, server_limits
-from ..runtime import encode_ahead, prepare_mode, prepare_video, release_video, should_prepare, track_video
+from ..runtime import (
+    encode_ahead,
+    loader_preprocess,
+    prepare_mode,
+    prepare_video,
+    release_video,
+    should_prepare,
+    track_video,
+)
 from ..streaming import EncodedVideo, LazyVideo
 from ..video import SamplingConfig, VideoDecodeError, probe_video
 from .errors import as_http_error
@@ -220,9 +228,11 @@ class QTSplusVideoLoader(VideoLoader):
         others = track_video(encoded)
         if cancel is not None:  # cancelled: the frames decoded ahead go, the video leaves the count
             cancel.release(encoded, release_video)
+        # the request's own settings when it has some (a second decode in the processor otherwise)
+        preprocess = loader_preprocess(cancel.mm_processor_kwargs if cancel is not None else None)
         if prepare_mode() == "vit":  # decoded into the ViT here: the processor only selects
             video = LazyVideo(encoded)
-            features = _decoding(video, lambda: encode_ahead(video))
+            features = _decoding(video, lambda: encode_ahead(video, preprocess))
             if features is not None:
                 encoded.plan, encoded.features = video.plan, features
                 _final_plan(metadata, video)
@@ -230,7 +240,7 @@ class QTSplusVideoLoader(VideoLoader):
                     release_video(encoded)
         elif should_prepare(others):
             video = LazyVideo(encoded)
-            prepared = _decoding(video, lambda: prepare_video(video))
+            prepared = _decoding(video, lambda: prepare_video(video, preprocess))
             if prepared is not None:
                 encoded.plan, encoded.prepared = video.plan, prepared
                 _final_plan(metadata, video)

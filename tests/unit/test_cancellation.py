@@ -326,3 +326,18 @@ def test_the_in_flight_gauge_follows_the_count(clip):
     del item
     gc.collect()
     assert gauge._value.get() == base
+
+
+def test_the_render_hands_the_requests_processor_kwargs_to_its_token():
+    pytest.importorskip("vllm")
+    from qtsplus_vllm.serving import cancellation
+
+    seen = []
+
+    async def render(self, conversations, chat_params, tok_params=None, *, prompt_extras=None):
+        seen.append(current_token().mm_processor_kwargs)
+
+    wrapped = cancellation._cancellable(render)
+    asyncio.run(wrapped(None, [], None, prompt_extras={"mm_processor_kwargs": {"max_pixels": 1234}}))
+    asyncio.run(wrapped(None, [], None))
+    assert seen == [{"max_pixels": 1234}, None]

@@ -405,3 +405,34 @@ def test_by_default_the_loader_encodes_and_the_processor_only_selects(
     # the features are in the cache now: a follow-up is neither decoded nor encoded by the loader
     follow_up, _ = loader.load_bytes(data, num_frames=32, fps=4.0)
     assert follow_up.features is None and runtime.select(LazyVideo(follow_up), [7], options).cache_hit
+
+
+def test_a_request_with_its_own_settings_is_decoded_once(loader, model, videos, monkeypatch, no_runtimes):
+    """A request's own ``max_pixels``/``min_pixels`` reach only vLLM's processor; the chat render hands
+    them to the request's token (``serving.cancellation``), so the loader prepares the video at the
+    request's settings and the processor neither decodes it again nor runs the ViT."""
+    from qtsplus_vllm.cancel import CancelToken, working_for
+
+    data, sampling, limits = videos["160x90-61f"]
+    monkeypatch.delenv("QTSPLUS_PREPARE_IN_LOADER")
+    runtime = SelectionRuntime(model, torch.float32, "cpu")
+    runtime_module.set_loader_runtime(lambda: runtime)
+    from qtsplus_vllm.options import parse_options
+
+    monkeypatch.setattr(
+        runtime_module, "_REQUEST_PREPROCESS", lambda kwargs: parse_options(kwargs).preprocess_config()
+    )
+    token = CancelToken()
+    token.mm_processor_kwargs = {"max_pixels": SMALL.max_pixels, "min_pixels": SMALL.min_pixels}
+    with working_for(token):
+        item, _ = loader.load_bytes(data, num_frames=32, fps=4.0)
+    assert item.features.settings == dataclasses.astuple(SMALL)
+    small = SelectionOptions(max_pixels=SMALL.max_pixels, min_pixels=SMALL.min_pixels)
+    with monkeypatch.context() as patch:
+        patch.setattr(streaming, "iter_sampled_frames", lambda *a, **k: pytest.fail("decoded twice"))
+        got = runtime.select(LazyVideo(item), [5, 6], small)
+    want = SelectionRuntime(model, torch.float32, "cpu").select(lazy(data, sampling, limits), [5, 6], small)
+    assert torch.equal(got.indices, want.indices) and got.grid_thw == want.grid_thw
+    # settings that cannot be parsed: the server's defaults (the processor refuses the request)
+    assert runtime_module.loader_preprocess(token.mm_processor_kwargs) == SMALL
+    assert runtime_module.loader_preprocess({"max_pixels": "lots"}) == runtime_module.loader_preprocess()
