@@ -7,7 +7,7 @@ servers), so metrics created here appear next to vLLM's own. Created on first us
 - ``qtsplus_visual_tokens`` (M) and ``qtsplus_selected_tokens`` (n) per video (histograms);
 - ``qtsplus_decode_seconds``, ``qtsplus_preprocess_seconds``, ``qtsplus_vit_seconds``,
   ``qtsplus_selector_seconds`` (histograms; decoding, preprocessing and ViT are not observed on
-  feature-cache hits, decoding only for videos decoded in the processor — the streamed path, whose
+  feature-cache hits, decoding only for videos decoded as a stream into the ViT (by default in the media loader) — whose
   decoder runs on its own thread next to preprocessing and the ViT, so the stages overlap);
 - ``qtsplus_feature_cache_hits_total`` / ``_misses_total`` (counters), ``qtsplus_feature_cache_bytes``
   and ``qtsplus_feature_cache_entries`` (gauges: the first tier, on the selection device),
