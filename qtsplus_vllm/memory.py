@@ -130,6 +130,7 @@ class RequestMemory:
     chunk_patches: int
     device_terms: tuple[str, ...] = field(default=())
     prepare: bool = True  # QTSPLUS_PREPARE_IN_LOADER: decoded and resized in a media thread
+    encode: bool = False  # QTSPLUS_PREPARE_IN_LOADER=vit: decoded into the ViT in a media thread
 
     @property
     def held_bytes(self) -> int:
@@ -140,12 +141,16 @@ class RequestMemory:
         """The media thread's working set while it decodes and resizes this video (0 when the
         processor decodes it): every video being loaded has its own, at the same time."""
         w = self.working
+        if self.encode:  # the streamed path's working set, in the media thread
+            return w["decoded_chunks"] + w["decoder"] + max(w["resize"] + w["chunk_pixels"], w["vit"])
         return w["decoded_chunks"] + w["decoder"] + w["resize"] if self.prepare else 0
 
     @property
     def processor_bytes(self) -> int:
         """The processor's working set for this video (one video at a time per API server)."""
         w = self.working
+        if self.encode:  # the loader ran the ViT: the processor only selects
+            return w["selector"]
         if self.prepare:
             encode = max(w["chunk_pixels"], w["vit"])
         else:
@@ -220,6 +225,8 @@ def request_memory(
     source: str = "file",
     device: str = "cpu",
     prepare: bool = True,
+    encode: bool = False,
+    select: bool = True,
 ) -> RequestMemory:
     """The memory one in-flight video takes (module docstring), from its encoded size, its source
     frame size (width × height), the frames it keeps, the model and the settings.
@@ -227,7 +234,12 @@ def request_memory(
     ``selected``: n (default the most it can be, min(nmax, M)). ``decoder_threads``: FFmpeg's frame
     threads (it uses cores + 1, at most 16). ``source``: ``file``, ``http`` or ``data`` (how many
     copies of the encoded bytes vLLM holds). ``device``: where the runtime runs (``cpu`` or ``cuda``).
-    ``prepare``: ``QTSPLUS_PREPARE_IN_LOADER`` (the loader decodes and resizes; default on).
+    ``prepare``: ``QTSPLUS_PREPARE_IN_LOADER=1`` (the loader decodes and resizes). ``encode``:
+    ``QTSPLUS_PREPARE_IN_LOADER=vit``, the server's default (the loader decodes the video as a stream
+    into the ViT; nothing is held resized, each loading video has the streamed path's working set and
+    the processor's is the selector's); it overrides ``prepare``. ``select=False``: the request turns
+    the selection off (``qtsplus_select: false``): its rows are all M visual tokens (n = M) and no
+    selector runs.
     """
     preprocess = preprocess or PreprocessConfig()
     limits = limits or Limits()
@@ -236,8 +248,12 @@ def request_memory(
     h, w = target_size(hd, wd, t, preprocess)
     p, f = preprocess.patch_size, preprocess.factor
     m = t // 2 * (h // f) * (w // f)
-    n = min(model.nmax, m) if selected is None else selected
+    if not select:
+        n = m  # every ViT token is a row for the LM
+    else:
+        n = min(model.nmax, m) if selected is None else selected
     c = min(chunk_frames_for(hd, wd, chunk_setting, (h // p) * (w // p)), t)
+    prepare = prepare and not encode
     decoded = min(prepare_chunk_frames(hd, wd), t) if prepare else c  # frames per decoded chunk
     batch = resize_batch_for(hd, wd)
     per_pair = (h // p) * (w // p)
@@ -255,7 +271,7 @@ def request_memory(
         "resize": batch * (hd * wd * 3 + hd * wd * 3 * 4 + hd * w * 3 * 4 + frame_out),
         "chunk_pixels": PIXEL_COPIES * c * frame_out,
         "vit": c * frame_out * model.dtype_bytes // 4 + vit_activation_bytes(chunk_patches, per_pair, model),
-        "selector": selector_bytes(m, n, question_tokens, model, device),
+        "selector": selector_bytes(m, n, question_tokens, model, device) if select else 0,
     }
     return RequestMemory(
         held=held,
@@ -270,6 +286,7 @@ def request_memory(
         chunk_patches=chunk_patches,
         device_terms=() if device == "cpu" else ("rows",),
         prepare=prepare,
+        encode=encode,
     )
 
 
@@ -298,8 +315,12 @@ def worst_case_request(
     preprocess: PreprocessConfig | None = None,
     source: str = "file",
     decoder_threads: int = 3,
+    select: bool = True,
+    encode: bool = False,
 ) -> RequestMemory:
-    """An upper bound of :func:`request_memory` over every video the limits admit at these settings.
+    """An upper bound of :func:`request_memory` over every video the limits admit at these settings
+    (``select=False``: for a request that turns the selection off — all M rows, no selector;
+    ``encode``: the loader streams into the ViT, ``QTSPLUS_PREPARE_IN_LOADER=vit``).
 
     Each term at its own maximum: the encoded size ``QTSPLUS_MAX_VIDEO_BYTES``; the decoder at the
     largest source frame (``QTSPLUS_MAX_FRAME_PIXELS``); the chunk, resize and ViT terms at the largest
@@ -327,13 +348,18 @@ def worst_case_request(
                 limits=limits,
                 decoder_threads=decoder_threads,
                 source=source,
+                select=select,
+                encode=encode,
             )
         )
     top = max(estimates, key=lambda e: e.working_bytes)
     m = limits.max_vit_patches // preprocess.merge_size**2
-    n = min(model.nmax, m)
+    n = min(model.nmax, m) if select else m
     working = {k: max(e.working[k] for e in estimates) for k in top.working}
-    working["selector"] = max(working["selector"], selector_bytes(m, n, limits.max_question_tokens, model))
+    if select:
+        working["selector"] = max(
+            working["selector"], selector_bytes(m, n, limits.max_question_tokens, model)
+        )
     held = {k: max(e.held[k] for e in estimates) for k in top.held}
     held["rows"] = ROW_COPIES * n * model.hidden * model.dtype_bytes
     return replace(

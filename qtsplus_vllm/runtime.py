@@ -39,6 +39,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .cancel import CancelToken
+from .cancel import check as check_cancelled
 from .checkpoint import CheckpointReader, load_config, validate_checkpoint
 from .config import SELECTOR_PREFIX
 from .devices import default_device, feature_cache_device
@@ -272,7 +274,10 @@ class SelectionRuntime:
         self.selector = QTSplusSelector.from_config(self.config).to(device=self.device, dtype=dtype).eval()
         self.selector.load_state_dict(reader.load_prefix(SELECTOR_PREFIX, dtype=dtype, device=self.device))
         self.embed_tokens = reader.load([EMBED_KEY], dtype=dtype)[EMBED_KEY]  # [V, D], stays on CPU
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # one selection at a time (select)
+        # one ViT chunk at a time: media threads encoding their videos (encode_ahead) and the
+        # processor take turns chunk by chunk, so no video holds the ViT for its whole length
+        self.vit_lock = threading.Lock()
         max_bytes, cache_device, host_bytes = feature_cache_settings()
         self.feature_cache = FeatureCache.sized(cache_device or self.device, max_bytes, host_bytes)
 
@@ -295,6 +300,7 @@ class SelectionRuntime:
         shape: tuple[int, int, int, int],
         preprocess: PreprocessConfig,
         timings: dict[str, float],
+        cancel: CancelToken | None = None,
     ) -> CachedFeatures:
         """ViT features of a video of ``shape`` [T, H, W, 3] from its ViT inputs, chunk by chunk.
 
@@ -303,13 +309,16 @@ class SelectionRuntime:
         whole video) is encoded on its own; its rows go into one preallocated [M, D] tensor. Chunks
         hold whole temporal patches and the ViT attends only within a temporal patch, so the rows
         are those of one pass over the whole video (up to floating-point blocking). Only one chunk's
-        pixels and activations exist at a time.
+        pixels and activations exist at a time. A cancelled ``cancel`` stops it before the next chunk
+        (:class:`~qtsplus_vllm.cancel.VideoCancelled`).
         """
         padded, size, m = chunk_geometry(shape, preprocess)
         visual, row = None, 0
         for pixel_values, grid_thw in inputs:
+            check_cancelled(cancel, row)  # a cancelled request's frames go now, not after the ViT
             clock = time.perf_counter()
-            rows = self.vision(pixel_values, grid_thw)  # [c/2 · gh · gw / merge², D]
+            with self.vit_lock:
+                rows = self.vision(pixel_values, grid_thw)  # [c/2 · gh · gw / merge², D]
             del pixel_values
             if visual is None:
                 visual = torch.empty(m, rows.shape[1], dtype=rows.dtype, device=rows.device)
@@ -333,10 +342,11 @@ class SelectionRuntime:
         shape: tuple[int, int, int, int],
         preprocess: PreprocessConfig,
         timings: dict[str, float],
+        cancel: CancelToken | None = None,
     ) -> CachedFeatures:
         """ViT features of a video given as uint8 chunks [c, H, W, 3] of its ``shape[0]`` frames."""
         inputs = iter_vision_inputs(chunks, shape, preprocess, self.device, self.dtype, timings)
-        return self._encode_inputs(inputs, shape, preprocess, timings)
+        return self._encode_inputs(inputs, shape, preprocess, timings, cancel)
 
     def _encode_prepared(
         self, video: LazyVideo, preprocess: PreprocessConfig, timings: dict[str, float]
@@ -349,7 +359,9 @@ class SelectionRuntime:
             *video.shape[1:3], stream_chunk_frames(), _patches_per_frame(video.shape, preprocess)
         )
         inputs = prepared_vision_inputs(prepared, preprocess, chunk, self.device, self.dtype, timings)
-        return self._encode_inputs(self._beside_decoders(inputs), video.shape, preprocess, timings)
+        return self._encode_inputs(
+            self._beside_decoders(inputs), video.shape, preprocess, timings, video.plan.cancel
+        )
 
     def _beside_decoders(self, inputs: Iterator) -> Iterator:
         """``inputs``, with the CPU torch threads set by :func:`vit_threads` before each chunk (its
@@ -366,6 +378,8 @@ class SelectionRuntime:
             yield item
 
     def _encode(self, frames, preprocess: PreprocessConfig, timings: dict[str, float]) -> CachedFeatures:
+        if isinstance(frames, LazyVideo):
+            check_cancelled(frames.plan.cancel, 0)
         chunk = stream_chunk_frames()
         if isinstance(frames, LazyVideo) and frames.prepared is not None:
             if frames.prepared.matches(frames, preprocess):  # the loader decoded and resized it
@@ -397,11 +411,27 @@ class SelectionRuntime:
                 plan.limits.check_vit_patches(vit_patch_count(t, h, w, preprocess))
             stream = video.chunks(chunk, timings)
             try:
-                return self._encode_chunks(stream, video.shape, preprocess, timings)
+                return self._encode_chunks(stream, video.shape, preprocess, timings, video.plan.cancel)
             except FrameCountMismatch:  # the stream held another frame count: video.plan is redone
                 continue
             finally:
                 stream.close()  # stops the decoder thread on any failure
+
+    @torch.inference_mode()
+    def encode_ahead(self, video: LazyVideo, preprocess: PreprocessConfig) -> LoaderFeatures | None:
+        """The ViT's rows of ``video`` computed in the calling thread (a media thread), for the processor.
+
+        Decoded as a stream next to the ViT, exactly as :meth:`select` does, without the selection's
+        lock: only each ViT chunk holds :attr:`vit_lock`. None when the feature cache already holds
+        the video with these settings (the processor's selection finds them there).
+        """
+        if self.feature_cache.max_bytes and self.feature_cache.contains(video.digest(astuple(preprocess))):
+            return None
+        timings = {"decode_ms": 0.0, "decode_wait_ms": 0.0, "preprocess_ms": 0.0, "vit_ms": 0.0}
+        threads = torch_threads(cpu_threads()) if self.device.type == "cpu" else contextlib.nullcontext()
+        with threads:
+            features = self._encode(video, preprocess, timings)
+        return LoaderFeatures(features, astuple(preprocess), video.plan.key(), timings)
 
     @torch.inference_mode()
     def select(
@@ -427,7 +457,15 @@ class SelectionRuntime:
             cached = self.feature_cache.get(key, self.device) if key is not None else None
             timings["hash_ms"] = (time.perf_counter() - clock) * 1e3
 
-            if cached is None:
+            ahead = getattr(frames, "features", None) if isinstance(frames, LazyVideo) else None
+            if cached is None and ahead is not None and ahead.matches(frames, preprocess):
+                cached = ahead.features  # the loader encoded it (encode_ahead): no decoding, no ViT here
+                for stage, ms in ahead.timings_ms.items():
+                    timings[stage] = timings.get(stage, 0.0) + ms
+                if key is not None:
+                    self.feature_cache.put(key, cached)
+                hit = False
+            elif cached is None:
                 cached = self._encode(frames, preprocess, timings)
                 if key is not None:
                     self.feature_cache.put(key, cached)
@@ -470,6 +508,20 @@ class SelectionRuntime:
 
 # -- decoding ahead, in the media loader -----------------------------------------------------------
 
+
+@dataclass
+class LoaderFeatures:
+    """A video's ViT rows computed in the media loader (:meth:`SelectionRuntime.encode_ahead`), for
+    the settings and plan they were computed with, and the loader's stage timings."""
+
+    features: CachedFeatures
+    settings: tuple
+    plan_key: tuple
+    timings_ms: dict[str, float]
+
+    def matches(self, video: LazyVideo, config: PreprocessConfig) -> bool:
+        return self.settings == astuple(config) and self.plan_key == video.plan.key()
+
 _LOADER_PREPROCESS: PreprocessConfig | None = None
 _IN_FLIGHT = 0  # videos our loader returned that are still alive (loading, queued or being encoded)
 _PREPARING = 0  # videos being decoded and resized ahead in the loader right now
@@ -477,9 +529,11 @@ _IN_FLIGHT_LOCK = threading.Lock()
 
 
 def prepare_mode() -> str:
-    """``QTSPLUS_PREPARE_IN_LOADER``: ``auto`` (default), ``1`` or ``0`` — where a video is decoded.
+    """``QTSPLUS_PREPARE_IN_LOADER``: ``vit`` (default), ``auto``, ``1`` or ``0`` — where a video is decoded.
 
-    ``1``: the loader decodes and resizes each video as soon as it is fetched, in vLLM's media
+    ``vit``: the loader decodes the video as a stream into the ViT, in vLLM's media thread pool
+    (:func:`encode_ahead`), so that no video's decoding ever runs on the processing thread (one per
+    API server, which every request needs): the processor runs only the selector. ``1``: the loader decodes and resizes each video as soon as it is fetched, in vLLM's media
     thread pool, where the videos of concurrent requests are decoded in parallel; the processor
     (one thread per API server) then runs only the ViT and the selector. ``0``: the loader only
     plans the video and the processor decodes it as a stream next to the ViT — one video at a time
@@ -491,13 +545,16 @@ def prepare_mode() -> str:
 
 
 def track_video(video: object) -> int:
-    """Count ``video`` (our loader's item) as in flight until it is garbage; the number of other
-    videos in flight before it."""
+    """Count ``video`` (our loader's item) as in flight until it is garbage or :func:`release_video`-d;
+    the number of other videos in flight before it."""
     global _IN_FLIGHT
     with _IN_FLIGHT_LOCK:
         others = _IN_FLIGHT
         _IN_FLIGHT += 1
-    weakref.finalize(video, _video_done)
+    done = weakref.finalize(video, _video_done)
+    with contextlib.suppress(AttributeError):  # kept to end the count early (release_video)
+        video._qtsplus_in_flight = done
+    _notify_in_flight()
     return others
 
 
@@ -505,6 +562,37 @@ def _video_done() -> None:
     global _IN_FLIGHT
     with _IN_FLIGHT_LOCK:
         _IN_FLIGHT -= 1
+    _notify_in_flight()
+
+
+def release_video(video: object) -> None:
+    """A cancelled request's video: drop the frames (or ViT rows) it holds from the loader and count
+    it out of the videos in flight now, not when vLLM lets go of the item (idempotent)."""
+    if getattr(video, "prepared", None) is not None:
+        video.prepared = None
+    if getattr(video, "features", None) is not None:
+        video.features = None
+    done = getattr(video, "_qtsplus_in_flight", None)
+    if done is not None:
+        done()  # a finalizer runs once: the item's garbage collection will not count it again
+
+
+_IN_FLIGHT_LISTENER = None  # called after each change (the serving layer's gauge)
+
+
+def set_in_flight_listener(listener) -> None:
+    """``listener()`` after every change of :func:`videos_in_flight`, outside the count's lock (a
+    finalizer may run in any thread at any allocation): it reads the count itself, so the last call
+    sees the last value. None: no listener."""
+    global _IN_FLIGHT_LISTENER
+    _IN_FLIGHT_LISTENER = listener
+
+
+def _notify_in_flight() -> None:
+    listener = _IN_FLIGHT_LISTENER
+    if listener is not None:
+        with contextlib.suppress(Exception):  # runs in finalizers: never let a metric break that
+            listener()
 
 
 def videos_in_flight() -> int:
@@ -547,7 +635,24 @@ def set_loader_preprocess(config: PreprocessConfig) -> None:
     _LOADER_PREPROCESS = config
 
 
-def loader_preprocess() -> PreprocessConfig:
+_REQUEST_PREPROCESS = None  # (request mm_processor_kwargs) -> PreprocessConfig (set by the processor)
+
+
+def set_request_preprocess(resolve) -> None:
+    """How the loader finds a request's preprocessing from its own ``mm_processor_kwargs`` (the
+    server's defaults merged with them, as the processor does)."""
+    global _REQUEST_PREPROCESS
+    _REQUEST_PREPROCESS = resolve
+
+
+def loader_preprocess(request_kwargs=None) -> PreprocessConfig:
+    """The preprocessing the loader prepares a video for: the request's when it sets its own (and
+    they are valid: else the processor refuses the request), else the server's defaults."""
+    if request_kwargs and _REQUEST_PREPROCESS is not None:
+        try:
+            return _REQUEST_PREPROCESS(request_kwargs)
+        except (ValueError, TypeError):
+            pass
     return _LOADER_PREPROCESS or PreprocessConfig()
 
 
@@ -588,6 +693,49 @@ def prepare_video(video: LazyVideo, preprocess: PreprocessConfig | None = None) 
     release_device_memory(device)
     logger.warning(
         "QTSplus: decoding a %s video ahead failed (%s); the processor decodes it", list(video.shape), reason
+    )
+    return None
+
+
+_LOADER_RUNTIME = None  # () -> SelectionRuntime: the server's, for encode_ahead (set by the processor)
+
+
+def set_loader_runtime(load) -> None:
+    """How the media loader gets the server's runtime (``load()``; loads it on the first video)."""
+    global _LOADER_RUNTIME
+    _LOADER_RUNTIME = load
+
+
+def encode_ahead(video: LazyVideo, preprocess: PreprocessConfig | None = None) -> LoaderFeatures | None:
+    """The ViT's rows of ``video`` computed here, in the media loader (``QTSPLUS_PREPARE_IN_LOADER=vit``),
+    or None where that would be wasted or cannot be done here (as :func:`prepare_video`; also when no
+    runtime is known to this process). A runtime that cannot be loaded raises its 503."""
+    if _DEVICE_FAILURE is not None:
+        return None
+    preprocess = preprocess or loader_preprocess()
+    t, h, w, _ = video.shape
+    if vit_patch_count(t, h, w, preprocess) > server_limits().max_vit_patches:
+        return None
+    runtime = loaded_runtime()
+    if runtime is None and _LOADER_RUNTIME is not None:
+        runtime = _LOADER_RUNTIME()
+    if runtime is None:
+        return None
+    try:
+        with preparing_video():
+            return runtime.encode_ahead(video, preprocess)
+    except (RuntimeError, MemoryError) as err:
+        if not (out_of_memory(err) or sticky_device_error(err)):
+            raise
+        failure = report_device_failure(runtime, err)  # a poisoned device: the request's 503
+        if failure is not None:
+            raise failure from None
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+    release_device_memory(runtime.device)
+    logger.warning(
+        "QTSplus: encoding a %s video in the loader failed (%s); the processor decodes it",
+        list(video.shape),
+        reason,
     )
     return None
 

@@ -63,6 +63,7 @@ TEST_VARIABLES = {
     "QTSPLUS_FUZZ_EXAMPLES": "tests/unit/test_fuzz.py: examples per property (default 100)",
     "QTSPLUS_SOAK_REQUESTS": "tests/e2e/test_isolation.py: requests of the soak (default 240)",
     "QTSPLUS_MEMORY_BOUND_MINUTES": "tests/e2e/test_memory_bound.py: minutes of video (default 2)",
+    "QTSPLUS_CANCEL_MINUTES": "tests/e2e/test_cancellation.py: minutes of each aborted video (default 3)",
     "QTSPLUS_VLLM_SRC": "tests/unit/test_vllm_compat.py: where the vLLM sources of other releases are",
     "QTSPLUS_VENV": "scripts/setup.sh: the virtual environment to make (default .venv)",
 }
@@ -326,10 +327,14 @@ class Settings(BaseSettings):
         32, "runtime", "sampled frames per chunk of a video streamed through the ViT: whole temporal patches"
     )
     prepare_in_loader: _typed(
-        Choice(("auto", "1", "0"), (("true", "1"), ("on", "1"), ("false", "0"), ("off", "0"))),
-        Literal["auto", "1", "0"],
+        Choice(("vit", "auto", "1", "0"), (("true", "1"), ("on", "1"), ("false", "0"), ("off", "0"))),
+        Literal["vit", "auto", "1", "0"],
     ) = _setting(
-        "auto", "runtime", "decode videos ahead in the media loader: 1 always, 0 never, auto under load"
+        "vit",
+        "runtime",
+        "where a video is decoded: vit = its media thread decodes it into the ViT and the processor only "
+        "selects; 1 = decoded ahead in the loader, ViT in the processor; 0 = decoded in the processor; "
+        "auto = 1 under load, 0 alone",
     )
     runtime_retry_seconds: _typed(Number(0.0, inclusive=True), float) = _setting(
         30.0,

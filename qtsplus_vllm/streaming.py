@@ -80,6 +80,7 @@ class EncodedVideo(np.ndarray):
 
     plan: VideoPlan | None
     prepared: PreparedFrames | None
+    features: object | None  # the ViT's rows when the loader encoded it (runtime.LoaderFeatures)
     digests: dict[tuple, str]  # feature-cache keys by (plan, settings): the loader's, reused by the processor
 
     def __new__(cls, data: bytes | bytearray | memoryview | np.ndarray, plan: VideoPlan) -> EncodedVideo:
@@ -87,11 +88,13 @@ class EncodedVideo(np.ndarray):
         obj = array.reshape(-1).view(cls)
         obj.plan = plan
         obj.prepared = None
+        obj.features = None
         return obj
 
     def __array_finalize__(self, obj) -> None:
         self.plan = getattr(obj, "plan", None)
         self.prepared = getattr(obj, "prepared", None)
+        self.features = getattr(obj, "features", None)
         self.digests = {}  # a view may hold other bytes: its keys are its own
 
     def __reduce__(self):  # the prepared frames stay in this process: a copy decodes again
@@ -118,6 +121,7 @@ class LazyVideo:
         if self.plan is None:
             raise ValueError("an encoded video needs its sampling plan")
         self.prepared: PreparedFrames | None = getattr(data, "prepared", None)
+        self.features = getattr(data, "features", None)  # runtime.LoaderFeatures: encoded in the loader
         self._cursor: Iterator[np.ndarray] | None = None
         self._cursor_pos = -1
         self._cursor_frame: np.ndarray | None = None

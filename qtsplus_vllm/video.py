@@ -31,6 +31,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as tvf
 
 from . import exact_resize
+from .cancel import CancelToken
 from .limits import Limits
 
 _FFMPEG_ERROR = av.FFmpegError  # bound here: a generator closed at interpreter exit still finds it
@@ -233,6 +234,7 @@ def _iter_sampled(
     limits: Limits | None = None,
     claimed: int | None = None,
     count: list[int] | None = None,
+    cancel: CancelToken | None = None,
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Decode the stream once, yielding (index, RGB array at ``size``) for the wanted indices in order.
 
@@ -242,13 +244,16 @@ def _iter_sampled(
     must not make the decoder walk the whole file), as soon as the decoded frames — each at its own
     size, whatever the header said — pass ``limits.max_decode_work``, and at the first frame after
     ``limits.decode_timeout_seconds`` of decoding (the consumer's time between frames excluded;
-    :class:`~qtsplus_vllm.limits.DecodeMeter`).
+    :class:`~qtsplus_vllm.limits.DecodeMeter`). With ``cancel``, decoding stops at the first frame after
+    the request is cancelled (:class:`~qtsplus_vllm.cancel.VideoCancelled`).
     """
     wanted_set, index = set(wanted), -1
     width, height = size
     stop = limits.max_source_frames if limits is not None else None
     meter = limits.decode_meter() if limits is not None else None
     for index, frame in enumerate(container.decode(stream)):
+        if cancel is not None:
+            cancel.check(index)
         if stop is not None and index >= stop:
             raise limits.source_frames_exceeded(claimed)
         if meter is not None:
@@ -376,6 +381,8 @@ class VideoPlan:
     sampling: SamplingConfig
     limits: Limits | None = None
     claimed_frames: int | None = None
+    # the request's cancellation (qtsplus_vllm.cancel): every pass over the video checks it per frame
+    cancel: CancelToken | None = dataclasses.field(default=None, compare=False, repr=False)
 
     @property
     def num_frames(self) -> int:
@@ -408,7 +415,9 @@ class VideoPlan:
         return dataclasses.replace(self, frame_indices=tuple(indices), total_frames=total_frames)
 
 
-def _demux_count(container, stream, limits: Limits | None, claimed: int | None) -> int:
+def _demux_count(
+    container, stream, limits: Limits | None, claimed: int | None, cancel: CancelToken | None = None
+) -> int:
     """Packets with data in the stream (one per frame), stopping as soon as the count passes the
     frame limit, the decode work of that many frames at the header's size passes the decode-work
     limit, or the pass takes longer than the decode deadline."""
@@ -417,6 +426,8 @@ def _demux_count(container, stream, limits: Limits | None, claimed: int | None) 
     meter = limits.decode_meter() if limits is not None else None
     width, height = stream.codec_context.width, stream.codec_context.height
     for packet in container.demux(stream):
+        if cancel is not None:
+            cancel.check(count)
         if packet.size > 0:
             count += 1
             if stop is not None and count > stop:
@@ -430,6 +441,7 @@ def probe_video(
     source: str | os.PathLike | bytes | np.ndarray,
     sampling: SamplingConfig | None = None,
     limits: Limits | None = None,
+    cancel: CancelToken | None = None,
 ) -> VideoPlan:
     """The header checks and limits of :func:`decode_video`, the frame count and the sampling plan,
     without decoding a frame.
@@ -451,7 +463,7 @@ def probe_video(
             claimed = stream.frames or None
             if limits is not None:
                 limits.check_stream(width, height, _stream_seconds(container, stream), claimed)
-            total = _demux_count(container, stream, limits, claimed)
+            total = _demux_count(container, stream, limits, claimed, cancel)
         except av.FFmpegError as err:
             raise VideoDecodeError(f"cannot read the video ({_reason(err)})") from err
     if total < 1:
@@ -473,6 +485,7 @@ def probe_video(
         sampling=sampling,
         limits=limits,
         claimed_frames=claimed,
+        cancel=cancel,
     )
 
 
@@ -506,7 +519,7 @@ def iter_sampled_frames(source, plan: VideoPlan) -> Iterator[np.ndarray]:
         count = [0]
         size = (plan.decode_width, plan.decode_height)
         frames = _iter_sampled(
-            container, stream, sorted(positions), size, plan.limits, plan.claimed_frames, count
+            container, stream, sorted(positions), size, plan.limits, plan.claimed_frames, count, plan.cancel
         )
         try:
             for index, array in frames:

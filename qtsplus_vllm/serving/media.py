@@ -79,9 +79,10 @@ from vllm.multimodal.media import MEDIA_CONNECTOR_REGISTRY, MediaConnector, Medi
 from vllm.multimodal.media.image import ImageMediaIO
 from vllm.multimodal.media.video import VideoMediaIO
 
+from ..cancel import CancelToken, working_for
 from ..limits import DecodeMeter, LimitExceeded, RequestError, server_limits
 from ..video import decode_size
-from . import compat
+from . import cancellation, compat
 from .errors import QTSplusHTTPError, as_http_error
 from .video_loader import check_video_loader
 
@@ -205,10 +206,17 @@ def _run_coroutine(make):
 
 
 class LimitedVideoMediaIO(VideoMediaIO):
-    """vLLM's video IO with the byte limit applied to every way bytes arrive."""
+    """vLLM's video IO with the byte limit applied to every way bytes arrive, and the request's
+    cancellation (``cancel``, set by the connector) handed to the loader in the media thread."""
+
+    cancel: CancelToken | None = None
 
     def get_max_bytes(self) -> int:
         return server_limits().max_video_bytes
+
+    def load_bytes(self, data: bytes):
+        with working_for(self.cancel):  # the loader (this thread) reads it: qtsplus_vllm.cancel
+            return super().load_bytes(data)
 
     def load_base64(self, media_type: str, data: str):
         encoded_limit = 4 * ((self.get_max_bytes() + 2) // 3)
@@ -226,11 +234,16 @@ class LimitedVideoMediaIO(VideoMediaIO):
             # one pass over the list: each frame's decode work and the deadline, checked frame by frame
             image_io = getattr(self, "image_io", None)
             if isinstance(image_io, _LimitedFrameIO):
-                image_io.meter = limits.decode_meter()
+                image_io.meter, image_io.cancel = limits.decode_meter(), self.cancel
+                if self.cancel is not None:
+                    self.cancel.begin()
                 try:
-                    return super().load_base64(media_type, data)
+                    frames = super().load_base64(media_type, data)
                 finally:
-                    image_io.meter = None
+                    image_io.meter = image_io.cancel = None
+                if self.cancel is not None:
+                    self.cancel.finish()  # decoded: what is left is the processor's, which is short
+                return frames
         return super().load_base64(media_type, data)
 
     def load_file(self, filepath: Path):
@@ -370,8 +383,11 @@ class _LimitedFrameIO(ImageMediaIO):
     """
 
     meter: DecodeMeter | None = None
+    cancel: CancelToken | None = None
 
     def load_bytes(self, data: bytes):
+        if self.cancel is not None:
+            self.cancel.check(self.meter.frames if self.meter is not None else None)
         limits = server_limits()
         try:
             probe = Image.open(io.BytesIO(data))
@@ -435,11 +451,15 @@ class QTSplusMediaConnector(MediaConnector):
         video_io = with_limits(media_io)
         if video_io is None:
             return await super().load_from_url_async(url, media_io, fetch_timeout=fetch_timeout)
-        try:
-            with _video_fetch():
-                return await super().load_from_url_async(url, video_io, fetch_timeout=fetch_timeout)
-        except Exception as err:
-            raise _as_fetch_failure(url, err) from err
+        # the request's token (serving.cancellation), or one of this fetch's own: the loader, in a
+        # media thread that the task's cancellation does not reach, checks it frame by frame
+        async with cancellation.request_scope() as token:
+            video_io.cancel = token
+            try:
+                with _video_fetch():
+                    return await super().load_from_url_async(url, video_io, fetch_timeout=fetch_timeout)
+            except Exception as err:
+                raise _as_fetch_failure(url, err) from err
 
 
 def with_limits(media_io: Any) -> LimitedVideoMediaIO | None:

@@ -7,7 +7,7 @@ servers), so metrics created here appear next to vLLM's own. Created on first us
 - ``qtsplus_visual_tokens`` (M) and ``qtsplus_selected_tokens`` (n) per video (histograms);
 - ``qtsplus_decode_seconds``, ``qtsplus_preprocess_seconds``, ``qtsplus_vit_seconds``,
   ``qtsplus_selector_seconds`` (histograms; decoding, preprocessing and ViT are not observed on
-  feature-cache hits, decoding only for videos decoded in the processor — the streamed path, whose
+  feature-cache hits, decoding only for videos decoded as a stream into the ViT (by default in the media loader) — whose
   decoder runs on its own thread next to preprocessing and the ViT, so the stages overlap);
 - ``qtsplus_feature_cache_hits_total`` / ``_misses_total`` (counters), ``qtsplus_feature_cache_bytes``
   and ``qtsplus_feature_cache_entries`` (gauges: the first tier, on the selection device),
@@ -17,7 +17,10 @@ servers), so metrics created here appear next to vLLM's own. Created on first us
   features, observed when they are computed);
 - ``qtsplus_rejected_requests_total{status}``: requests refused by a limit (413), bad input or an
   unusable URL (400), a failed or timed-out upstream (502, 504) or an unavailable selection
-  runtime (503), by HTTP status.
+  runtime (503), by HTTP status;
+- ``qtsplus_cancelled_videos_total`` (counter): videos whose decoding or processing stopped because
+  their request was cancelled (the client went away, or another video of the request failed);
+  ``qtsplus_videos_in_flight`` (gauge): videos loaded and not yet released (``serving.cancellation``).
 """
 
 from __future__ import annotations
@@ -113,6 +116,15 @@ def _create() -> SimpleNamespace:
             buckets=_BYTES,
         ),
         rejected=Counter("qtsplus_rejected_requests", "Requests refused by QTSplus checks", ["status"]),
+        cancelled_videos=Counter(
+            "qtsplus_cancelled_videos",
+            "Videos whose decoding or processing stopped because their request was cancelled",
+        ),
+        videos_in_flight=Gauge(
+            "qtsplus_videos_in_flight",
+            "Videos loaded and not yet released (loading, waiting for the processor or being encoded)",
+            multiprocess_mode="livesum",
+        ),
     )
 
 

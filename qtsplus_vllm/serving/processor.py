@@ -54,10 +54,13 @@ from ..runtime import (
     release_device_memory,
     report_device_failure,
     set_loader_preprocess,
+    set_loader_runtime,
+    set_request_preprocess,
     trust_client_uuids,
 )
 from ..streaming import LazyVideo, is_encoded_video
 from ..video import VideoDecodeError, vit_patch_count
+from .cancellation import install as install_cancellation
 from .errors import as_http_error
 from .health import install_health_check
 from .metrics import observe_selection
@@ -174,6 +177,17 @@ def _select(runtime, frames: np.ndarray, question_ids: list[int], options: Selec
     raise as_http_error(unavailable)
 
 
+def _finished(frames) -> None:
+    """The video's work is over (selected, refused or cancelled): its request's cancellation no
+    longer counts it, and the frames decoded ahead for it go now (the item lives on in vLLM's
+    request until the request ends)."""
+    if isinstance(frames, LazyVideo):
+        if frames.plan.cancel is not None:
+            frames.plan.cancel.finish()
+        frames.prepared = frames.features = None
+        frames.data.prepared = frames.data.features = None
+
+
 def load_runtime(get, model_config):
     """``get(model, dtype, revision=...)`` (:func:`~qtsplus_vllm.runtime.get_runtime`) for this model,
     with a runtime that cannot serve — a failed load, a device that failed — as the request's 503
@@ -256,10 +270,18 @@ class QTSplusMultiModalProcessor(BaseMultiModalProcessor[QTSplusProcessingInfo])
         defaults = parse_options(info.ctx.get_mm_config().mm_processor_kwargs or {})
         check_server_settings(model_config.model, model_config.revision)
         set_loader_preprocess(defaults.preprocess_config())  # what the media loader resizes to
+        set_loader_runtime(lambda: load_runtime(get_runtime, model_config))  # ... and encodes with
+        mm_config = info.ctx.get_mm_config()  # a request's own settings, for its loader
+        set_request_preprocess(
+            lambda kwargs: parse_options(
+                mm_config.merge_mm_processor_kwargs(dict(kwargs))
+            ).preprocess_config()
+        )
         # every video through our loader and sampling rules, whatever the checkpoint's files name
         loader = bind_video_loader(info.ctx.get_mm_config())
         report_startup(model_config, defaults, loader)
         install_health_check()
+        install_cancellation()  # a cancelled request's video work stops (serving.cancellation)
 
     def apply(self, inputs: ProcessorInputs, timing_ctx):
         """Key items by content, and put the question and the effective settings into the (hashed) kwargs."""
@@ -307,7 +329,10 @@ class QTSplusMultiModalProcessor(BaseMultiModalProcessor[QTSplusProcessingInfo])
                 rows = []
                 for i in range(len(items)):
                     frames = _as_frames(items.get(i), modality)
-                    result = _select(runtime, frames, list(question_ids), options)
+                    try:
+                        result = _select(runtime, frames, list(question_ids), options)
+                    finally:
+                        _finished(frames)
                     rows.append(result.embeds)
                     _report(modality, result, runtime.feature_cache.stats())
                 out[SELECTED_FIELDS[modality]] = rows

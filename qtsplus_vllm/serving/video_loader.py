@@ -5,12 +5,12 @@ calls ``loader.load_bytes(data, num_frames=..., **media_io_kwargs["video"])``. I
 keeps 32 frames; :class:`QTSplusVideoLoader` plans qwen-vl-utils' frames (PyAV, ``smart_nframes``,
 even count): it checks the header and the limits, counts the frames with a demux pass and returns
 the encoded bytes with the plan (:class:`~qtsplus_vllm.streaming.EncodedVideo`). By default it then
-decodes the planned frames and resizes them for the ViT right here, in the media thread pool, when
-another video is in flight, so that the videos of concurrent requests decode in parallel while the
-processor (one thread per API server) runs the ViT and the selector; a video alone is decoded by the
-processor as a stream into the ViT (``qtsplus_vllm.streaming``), overlapping the two
-(``QTSPLUS_PREPARE_IN_LOADER``: ``auto``, ``1`` always, ``0`` never). Nothing is decoded when the ViT
-features of this video are cached. Errors found here (an unreadable file, a limit, a stream
+decodes the planned frames as a stream into the ViT right here, in the media thread pool
+(``runtime.encode_ahead``), so that no video's decoding runs on the processor's single thread, which
+then only runs the selector (``QTSPLUS_PREPARE_IN_LOADER=vit``; ``1``: decode and resize only,
+``0``: the processor decodes, ``auto``: ``1`` while another video is in flight, else ``0``). Nothing
+is decoded when the ViT features of this video are cached. Every pass stops within a frame when the
+request is cancelled (``qtsplus_vllm.cancel``). Errors found here (an unreadable file, a limit, a stream
 that cannot be decoded) are the request's 400/413.
 
 Selection, in vLLM's order (media/connector.py ``fetch_video`` then ``VideoMediaIO.__init__``):
@@ -61,9 +61,18 @@ from typing import Any
 import numpy as np
 from vllm.multimodal.video import VIDEO_LOADER_REGISTRY, VideoLoader
 
+from ..cancel import CancelToken, VideoCancelled, current_token
 from ..config import MODEL_TYPE
-from ..limits import LimitExceeded, RequestError, server_limits
-from ..runtime import prepare_video, should_prepare, track_video
+from ..limits import LimitExceeded, RequestError, SelectionUnavailable, server_limits
+from ..runtime import (
+    encode_ahead,
+    loader_preprocess,
+    prepare_mode,
+    prepare_video,
+    release_video,
+    should_prepare,
+    track_video,
+)
 from ..streaming import EncodedVideo, LazyVideo
 from ..video import SamplingConfig, VideoDecodeError, probe_video
 from .errors import as_http_error
@@ -142,7 +151,7 @@ def _decoding(video: LazyVideo, decode):
     said) as the request's HTTP error."""
     try:
         return decode()
-    except LimitExceeded as err:
+    except (LimitExceeded, SelectionUnavailable) as err:
         raise as_http_error(err) from err
 
 
@@ -150,14 +159,18 @@ class QTSplusVideoLoader(VideoLoader):
     """Checks, plans and (by default) decodes and resizes a video in vLLM's media threads (module docstring)."""
 
     @classmethod
-    def probe(cls, data: bytes, kwargs: Mapping[str, Any]) -> tuple[EncodedVideo, dict[str, Any]]:
+    def probe(
+        cls, data: bytes, kwargs: Mapping[str, Any], cancel: CancelToken | None = None
+    ) -> tuple[EncodedVideo, dict[str, Any]]:
         """Video file bytes -> (an :class:`~qtsplus_vllm.streaming.EncodedVideo`, metadata), decoding nothing.
 
         The header checks and limits, a demux pass that counts the frames (and stops at
         ``QTSPLUS_MAX_SOURCE_FRAMES``) and the sampling plan. The first value is the encoded bytes
         as a 1-D uint8 array (a view of ``data``, no copy) carrying the plan. The metadata has the
         keys of ``VideoLoader.create_hf_metadata``; vLLM hashes it with the bytes, so the same video
-        sampled differently is a different cache entry.
+        sampled differently is a different cache entry. ``cancel`` (the request's
+        :class:`~qtsplus_vllm.cancel.CancelToken`) stops the demux pass within a packet and rides on
+        the plan to every later pass over the video.
         """
         sampling = sampling_from_kwargs(kwargs)
         if not data:
@@ -165,7 +178,7 @@ class QTSplusVideoLoader(VideoLoader):
         limits = server_limits()
         try:
             limits.check_video_bytes(len(data))
-            plan = probe_video(data, sampling, limits)
+            plan = probe_video(data, sampling, limits, cancel)
         except LimitExceeded as err:
             raise as_http_error(err) from err
         except VideoDecodeError as err:
@@ -187,20 +200,52 @@ class QTSplusVideoLoader(VideoLoader):
     ) -> tuple[np.ndarray, dict[str, Any]]:
         """Video file bytes -> (an :class:`~qtsplus_vllm.streaming.EncodedVideo`, metadata).
 
-        :meth:`probe`, then — with ``QTSPLUS_PREPARE_IN_LOADER=1``, or ``auto`` (the default) while
-        another video is in flight — the planned frames are decoded and resized to the server's
-        default preprocessing here, in the media thread, and attached to the item
-        (``EncodedVideo.prepared``, uint8, 1,176 B per ViT patch); vLLM still sees and hashes the
-        encoded bytes only. Skipped when the ViT-feature cache already holds the video (a
-        follow-up question decodes nothing). ``num_frames`` is accepted and ignored.
+        :meth:`probe`, then — with ``QTSPLUS_PREPARE_IN_LOADER=vit`` (the default) — the planned frames
+        are decoded into the ViT at the server's default preprocessing here, in the media thread, and
+        the rows attached to the item (``EncodedVideo.features``); with ``1``, or ``auto`` while
+        another video is in flight, they are decoded and resized only (``EncodedVideo.prepared``,
+        uint8, 1,176 B per ViT patch). vLLM still sees and hashes the encoded bytes only. Skipped when the ViT-feature cache already holds the video (a
+        follow-up question decodes nothing). ``num_frames`` is accepted and ignored. Every pass
+        stops within a frame when the request is cancelled (:mod:`qtsplus_vllm.cancel`).
         """
-        encoded, metadata = cls.probe(data, kwargs)
-        if should_prepare(track_video(encoded)):
+        cancel = current_token()  # the request's, set by the media connector (serving.cancellation)
+        if cancel is None:
+            return cls._load(data, kwargs, None)
+        cancel.begin()
+        try:
+            return cls._load(data, kwargs, cancel)
+        except VideoCancelled:
+            raise
+        except BaseException:
+            cancel.finish()  # failed on its own: an error, not a cancellation
+            raise
+
+    @classmethod
+    def _load(
+        cls, data: bytes, kwargs: Mapping[str, Any], cancel: CancelToken | None
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        encoded, metadata = cls.probe(data, kwargs, cancel)
+        others = track_video(encoded)
+        if cancel is not None:  # cancelled: the frames decoded ahead go, the video leaves the count
+            cancel.release(encoded, release_video)
+        # the request's own settings when it has some (a second decode in the processor otherwise)
+        preprocess = loader_preprocess(cancel.mm_processor_kwargs if cancel is not None else None)
+        if prepare_mode() == "vit":  # decoded into the ViT here: the processor only selects
             video = LazyVideo(encoded)
-            prepared = _decoding(video, lambda: prepare_video(video))
+            features = _decoding(video, lambda: encode_ahead(video, preprocess))
+            if features is not None:
+                encoded.plan, encoded.features = video.plan, features
+                _final_plan(metadata, video)
+                if cancel is not None and cancel.cancelled:
+                    release_video(encoded)
+        elif should_prepare(others):
+            video = LazyVideo(encoded)
+            prepared = _decoding(video, lambda: prepare_video(video, preprocess))
             if prepared is not None:
                 encoded.plan, encoded.prepared = video.plan, prepared
                 _final_plan(metadata, video)
+                if cancel is not None and cancel.cancelled:  # cancelled while the last chunk was resized
+                    release_video(encoded)
         return encoded, metadata
 
 
@@ -217,7 +262,7 @@ class QTSplusFramesVideoLoader(QTSplusVideoLoader):
     def load_bytes(
         cls, data: bytes, /, num_frames: int = -1, **kwargs: Any
     ) -> tuple[np.ndarray, dict[str, Any]]:
-        encoded, metadata = cls.probe(data, kwargs)
+        encoded, metadata = cls.probe(data, kwargs, current_token())
         video = LazyVideo(encoded)
         frames = _decoding(video, video.to_array)
         _final_plan(metadata, video)

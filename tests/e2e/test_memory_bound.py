@@ -161,6 +161,7 @@ def test_four_long_videos_in_flight_stay_within_the_memory_model(assets, server)
             model=TINY,
             question_tokens=len(QUESTION),
             decoder_threads=min(16, (os.cpu_count() or 1) + 1),
+            encode=True,  # the server's default, QTSPLUS_PREPARE_IN_LOADER=vit: each loader streams into the ViT
         )
         for video in videos
     ]

@@ -37,6 +37,20 @@ def test_the_default_limits_worst_case_is_within_the_stated_budget(name):
     assert worst.working["decoded_chunks"] <= (QUEUE_CHUNKS + 2) * CHUNK_BYTES
 
 
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("select", [True, False], ids=["selection", "selection-off"])
+@pytest.mark.parametrize("encode", [False, True], ids=["decode-ahead", "loader-vit"])
+def test_every_mode_s_worst_case_is_within_the_stated_budget(name, select, encode):
+    """Also a request that turns the selection off (all M rows, no selector: the rows' ROW_COPIES·M·D
+    are in the model), and the server's default mode, where the loader streams into the ViT."""
+    worst = worst_case_request(MODELS[name], select=select, encode=encode)
+    assert worst.total <= WORST_CASE_BUDGET[name]
+    m = Limits().max_vit_patches // 4
+    if not select:
+        assert worst.selected == m and worst.working["selector"] == 0
+        assert worst.held["rows"] == 4 * m * MODELS[name].hidden * MODELS[name].dtype_bytes
+
+
 def _most_frames(width, height, limits, config):
     for t in range(limits.max_frames - limits.max_frames % 2, 1, -2):
         try:
@@ -111,6 +125,24 @@ def test_the_model_follows_the_loaders_bounds():
     # what the loader holds grows with the kept frames, its working set does not
     sixty = request_memory(encoded_bytes=0, width=1280, height=720, kept_frames=768)
     assert sixty.loader_bytes == ten.loader_bytes and sixty.held["prepared"] > ten.held["prepared"]
+
+
+def test_the_model_follows_the_loaders_stream_into_the_vit():
+    """``QTSPLUS_PREPARE_IN_LOADER=vit`` (the server's default): nothing is held resized; each video
+    being loaded has the streamed path's working set (decoder, chunks, resize, chunk pixels, ViT) in
+    its media thread; the processor's is the selector's alone."""
+    ten = request_memory(encoded_bytes=0, width=1280, height=720, kept_frames=600, encode=True)
+    streamed = request_memory(encoded_bytes=0, width=1280, height=720, kept_frames=600, prepare=False)
+    assert ten.encode and not ten.prepare and "prepared" not in ten.held
+    assert ten.held == streamed.held and ten.working == streamed.working
+    w = ten.working
+    assert ten.loader_bytes == w["decoded_chunks"] + w["decoder"] + max(
+        w["resize"] + w["chunk_pixels"], w["vit"]
+    )
+    assert ten.processor_bytes == w["selector"]
+    assert ten.total == ten.held_bytes + ten.features + max(ten.loader_bytes, ten.processor_bytes)
+    four = peak_bytes([ten] * 4)
+    assert four == 4 * (ten.held_bytes + ten.features + ten.loader_bytes) + w["selector"]
 
 
 def test_held_and_working_parts_add_up_over_videos_in_flight():

@@ -194,13 +194,13 @@ def no_runtimes():
 
 
 def test_the_loader_decodes_ahead_while_another_video_is_in_flight(loader, videos, monkeypatch, no_runtimes):
-    """``auto`` (the default): a video alone is left to the processor's stream (decoding overlaps
-    the ViT); while another video is in flight — being loaded, waiting or being encoded — the
-    loader decodes ahead, in parallel with the others. ``1`` always, ``0`` never."""
+    """``auto`` (the default before ``vit``): a video alone is left to the processor's stream (decoding
+    overlaps the ViT); while another video is in flight — being loaded, waiting or being encoded —
+    the loader decodes ahead, in parallel with the others. ``1`` always, ``0`` never."""
     import gc
 
     data, _, _ = videos["160x90-61f"]
-    monkeypatch.delenv("QTSPLUS_PREPARE_IN_LOADER")
+    monkeypatch.setenv("QTSPLUS_PREPARE_IN_LOADER", "auto")
     assert runtime_module.prepare_mode() == "auto"
     gc.collect()
     base = runtime_module.videos_in_flight()
@@ -368,3 +368,71 @@ def test_a_video_being_decoded_ahead_is_counted(videos, monkeypatch, no_runtimes
     with pytest.raises(RuntimeError):
         prepare_video(lazy(data, sampling, limits))
     assert during == [1, 1] and runtime_module.videos_preparing() == 0
+
+
+def test_by_default_the_loader_encodes_and_the_processor_only_selects(
+    loader, model, videos, monkeypatch, no_runtimes
+):
+    """``vit`` (the default): the media loader decodes the video into the ViT; the processor's
+    selection decodes nothing and runs no ViT, and equals the streamed one. Without a runtime known to
+    the process nothing is encoded; a follow-up whose features are cached is not encoded again."""
+    data, sampling, limits = videos["160x90-61f"]
+    monkeypatch.delenv("QTSPLUS_PREPARE_IN_LOADER")
+    assert runtime_module.prepare_mode() == "vit"
+    monkeypatch.setattr(runtime_module, "_LOADER_RUNTIME", None)
+    assert loader.load_bytes(data, num_frames=32, fps=4.0)[0].features is None  # no runtime here
+
+    options = SelectionOptions()
+    streamed = SelectionRuntime(model, torch.float32, "cpu").select(
+        lazy(data, sampling, limits), [5, 6], options
+    )
+    runtime = SelectionRuntime(model, torch.float32, "cpu")
+    runtime_module.set_loader_runtime(lambda: runtime)
+    item, _ = loader.load_bytes(data, num_frames=32, fps=4.0)
+    assert item.features is not None and item.prepared is None
+    assert item.features.timings_ms["vit_ms"] > 0 and item.features.timings_ms["decode_ms"] > 0
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("the processor decoded a video the loader encoded")
+
+    monkeypatch.setattr(streaming, "iter_sampled_frames", no_decoding)
+    vision = runtime.vision
+    runtime.vision = lambda *args: pytest.fail("the processor ran the ViT")
+    got = runtime.select(LazyVideo(item), [5, 6], options)
+    runtime.vision = vision
+    assert torch.equal(got.embeds, streamed.embeds) and torch.equal(got.indices, streamed.indices)
+    assert not got.cache_hit and got.timings_ms["vit_ms"] == item.features.timings_ms["vit_ms"]
+    # the features are in the cache now: a follow-up is neither decoded nor encoded by the loader
+    follow_up, _ = loader.load_bytes(data, num_frames=32, fps=4.0)
+    assert follow_up.features is None and runtime.select(LazyVideo(follow_up), [7], options).cache_hit
+
+
+def test_a_request_with_its_own_settings_is_decoded_once(loader, model, videos, monkeypatch, no_runtimes):
+    """A request's own ``max_pixels``/``min_pixels`` reach only vLLM's processor; the chat render hands
+    them to the request's token (``serving.cancellation``), so the loader prepares the video at the
+    request's settings and the processor neither decodes it again nor runs the ViT."""
+    from qtsplus_vllm.cancel import CancelToken, working_for
+
+    data, sampling, limits = videos["160x90-61f"]
+    monkeypatch.delenv("QTSPLUS_PREPARE_IN_LOADER")
+    runtime = SelectionRuntime(model, torch.float32, "cpu")
+    runtime_module.set_loader_runtime(lambda: runtime)
+    from qtsplus_vllm.options import parse_options
+
+    monkeypatch.setattr(
+        runtime_module, "_REQUEST_PREPROCESS", lambda kwargs: parse_options(kwargs).preprocess_config()
+    )
+    token = CancelToken()
+    token.mm_processor_kwargs = {"max_pixels": SMALL.max_pixels, "min_pixels": SMALL.min_pixels}
+    with working_for(token):
+        item, _ = loader.load_bytes(data, num_frames=32, fps=4.0)
+    assert item.features.settings == dataclasses.astuple(SMALL)
+    small = SelectionOptions(max_pixels=SMALL.max_pixels, min_pixels=SMALL.min_pixels)
+    with monkeypatch.context() as patch:
+        patch.setattr(streaming, "iter_sampled_frames", lambda *a, **k: pytest.fail("decoded twice"))
+        got = runtime.select(LazyVideo(item), [5, 6], small)
+    want = SelectionRuntime(model, torch.float32, "cpu").select(lazy(data, sampling, limits), [5, 6], small)
+    assert torch.equal(got.indices, want.indices) and got.grid_thw == want.grid_thw
+    # settings that cannot be parsed: the server's defaults (the processor refuses the request)
+    assert runtime_module.loader_preprocess(token.mm_processor_kwargs) == SMALL
+    assert runtime_module.loader_preprocess({"max_pixels": "lots"}) == runtime_module.loader_preprocess()
