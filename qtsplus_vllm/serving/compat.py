@@ -11,16 +11,20 @@ none of the surfaces below (docs/vllm-0.34-compat.md): each of its shims behaves
   ``MediaRequestDownloadSizeExceededError``); on 0.32 that name is a private class vLLM never
   raises, so ``isinstance`` checks and ``except`` tuples stay valid on both.
 - ``MediaDecodedBudget``: 0.33's per-request decoded-bytes budget (``None`` on 0.32);
-  :func:`image_io_kwargs` and :func:`charge_decoded` use it where it exists.
+  :func:`image_io_kwargs` and :func:`charge_decoded` use it where it exists, and our video loader
+  charges the resized frames a video holds to it (:func:`video_budget`, :func:`charge_video_frames`).
 - :func:`build_chat_params`: 0.33 renders chats with the server's ``reasoning_effort_map``.
 - :func:`check_vllm_version`: a warning (never a failure) on a vLLM minor not in the list.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import inspect
 import logging
 import re
+from collections.abc import Iterator
 from typing import Any
 
 from .. import vllm_releases
@@ -114,6 +118,54 @@ def charge_decoded(media_io: object, nbytes: int) -> None:
     budget = getattr(media_io, "decoded_budget", None)
     if budget is not None:
         budget.charge(int(nbytes))
+
+
+# The request's decoded-media budget (0.33+) while our video loader runs in a media thread: vLLM charges
+# what a loader returns only when it is a frames array (>= 3 dimensions, ``VideoMediaIO.load_bytes``),
+# and our loader returns the encoded bytes, so the loader charges the frames it holds itself.
+_VIDEO_BUDGET: contextvars.ContextVar[object | None] = contextvars.ContextVar(
+    "qtsplus_video_budget", default=None
+)
+
+
+@contextlib.contextmanager
+def video_budget(video_io: object) -> Iterator[None]:
+    """Make ``video_io``'s request budget (its frame IO's ``decoded_budget``; none on 0.32) the one
+    :func:`charge_video_frames` charges in this thread."""
+    token = _VIDEO_BUDGET.set(getattr(getattr(video_io, "image_io", None), "decoded_budget", None))
+    try:
+        yield
+    finally:
+        _VIDEO_BUDGET.reset(token)
+
+
+def charge_video_frames(nbytes: int) -> None:
+    """Charge ``nbytes`` of a video's frames to the current request's decoded-media budget (0.33+:
+    ``VLLM_MAX_MEDIA_REQUEST_DECODE_BYTES``, shared with the request's images and other videos), as
+    vLLM charges the frames its own loaders return. Over it: HTTP 413 naming the variable, before
+    any frame is decoded."""
+    budget = _VIDEO_BUDGET.get()
+    if budget is None:
+        return
+    used = int(getattr(budget, "used", 0))
+    try:
+        budget.charge(int(nbytes))
+    except ValueError as err:
+        import vllm.envs as envs
+
+        from ..limits import LimitExceeded
+        from .errors import as_http_error
+
+        limit = int(getattr(envs, "VLLM_MAX_MEDIA_REQUEST_DECODE_BYTES", 0))
+        raise as_http_error(
+            LimitExceeded(
+                "the request's decoded media in bytes (this video's resized frames and what the "
+                "request decoded before it)",
+                used + int(nbytes),
+                limit,
+                "VLLM_MAX_MEDIA_REQUEST_DECODE_BYTES",
+            )
+        ) from err
 
 
 def build_chat_params(request: Any, online: Any) -> Any:

@@ -215,7 +215,9 @@ class LimitedVideoMediaIO(VideoMediaIO):
         return server_limits().max_video_bytes
 
     def load_bytes(self, data: bytes):
-        with working_for(self.cancel):  # the loader (this thread) reads it: qtsplus_vllm.cancel
+        # the loader (this thread) reads both: the cancellation (qtsplus_vllm.cancel) and, on vLLM >=
+        # 0.33, the request's decoded-media budget (compat.video_budget)
+        with working_for(self.cancel), compat.video_budget(self):
             return super().load_bytes(data)
 
     def load_base64(self, media_type: str, data: str):

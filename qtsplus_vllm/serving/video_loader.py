@@ -74,7 +74,8 @@ from ..runtime import (
     track_video,
 )
 from ..streaming import EncodedVideo, LazyVideo
-from ..video import SamplingConfig, VideoDecodeError, probe_video
+from ..video import SamplingConfig, VideoDecodeError, VideoPlan, probe_video, target_size
+from . import compat
 from .errors import as_http_error
 
 LOADER_NAME = "qtsplus"
@@ -135,6 +136,14 @@ def sampling_from_kwargs(kwargs: Mapping[str, Any]) -> SamplingConfig:
         # qwen-vl-utils' floor of 4 frames, lowered with a smaller max_frames (never above it)
         min_frames = min(defaults.min_frames, max_frames - max_frames % _FRAME_FACTOR)
     return SamplingConfig(fps=float(fps), min_frames=min_frames, max_frames=max_frames)
+
+
+def resized_frame_bytes(plan: VideoPlan, preprocess) -> int:
+    """Bytes of the video's kept frames resized for the ViT (uint8 RGB): the most of its frames a
+    request holds at once on any path (decoded ahead: all of them; streamed: fewer)."""
+    _, height, width, _ = plan.decode_shape
+    h, w = target_size(height, width, plan.num_frames, preprocess)
+    return plan.num_frames * h * w * 3
 
 
 def _final_plan(metadata: dict[str, Any], video: LazyVideo) -> None:
@@ -230,6 +239,9 @@ class QTSplusVideoLoader(VideoLoader):
             cancel.release(encoded, release_video)
         # the request's own settings when it has some (a second decode in the processor otherwise)
         preprocess = loader_preprocess(cancel.mm_processor_kwargs if cancel is not None else None)
+        # vLLM >= 0.33 charges a request's decoded media to its budget; our item is the encoded bytes,
+        # so charge the frames the video holds at most (resized, uint8) before decoding any
+        compat.charge_video_frames(resized_frame_bytes(encoded.plan, preprocess))
         if prepare_mode() == "vit":  # decoded into the ViT here: the processor only selects
             video = LazyVideo(encoded)
             features = _decoding(video, lambda: encode_ahead(video, preprocess))

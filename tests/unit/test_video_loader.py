@@ -28,7 +28,7 @@ from qtsplus_vllm.serving.video_loader import (
 )
 from qtsplus_vllm.streaming import EncodedVideo, LazyVideo
 from qtsplus_vllm.testing import make_video, write_tiny_checkpoint
-from qtsplus_vllm.video import SamplingConfig, VideoDecodeError, decode_video
+from qtsplus_vllm.video import SamplingConfig, VideoDecodeError, decode_video, target_size
 
 
 @pytest.fixture(scope="module")
@@ -501,3 +501,59 @@ def test_a_request_naming_another_loader_is_refused_when_fetched(clip_bytes, unb
     assert err.value.http_status == 400
     ours = QTSplusMediaConnector(media_io_kwargs=mm_config.media_io_kwargs).fetch_video(url)
     assert ours.media[1]["video_backend"] == LOADER_NAME
+
+
+class _DecodedBudget:
+    """vLLM 0.33/0.34's ``MediaDecodedBudget.charge`` as it behaves (``multimodal/media/base.py``):
+    adds to ``used``, ``ValueError`` naming the variable past the limit."""
+
+    def __init__(self, limit: int, used: int = 0):
+        self.limit, self.used, self.charges = limit, used, []
+
+    def charge(self, decoded_bytes: int) -> None:
+        if self.used + decoded_bytes > self.limit:
+            raise ValueError(
+                f"Request decoded media exceeds VLLM_MAX_MEDIA_REQUEST_DECODE_BYTES={self.limit}"
+            )
+        self.used += decoded_bytes
+        self.charges.append(decoded_bytes)
+
+
+def _budgeted_io(budget) -> VideoMediaIO:
+    from qtsplus_vllm.serving.media import with_limits
+
+    image_io = ImageMediaIO()
+    image_io.decoded_budget = budget  # what 0.33's connector gives the frame IO of a video fetch
+    return with_limits(VideoMediaIO(image_io, video_backend=LOADER_NAME, fps=2, max_frames=8))
+
+
+def test_the_resized_frames_of_a_video_are_charged_to_the_requests_decoded_budget(clip_bytes):
+    """vLLM >= 0.33 charges only loaders that return frames; ours returns encoded bytes and charges
+    the resized frames it holds itself: once per video, before decoding."""
+    from qtsplus_vllm.runtime import loader_preprocess
+    from qtsplus_vllm.serving.video_loader import resized_frame_bytes
+
+    budget = _DecodedBudget(limit=10**9)
+    frames, _ = _budgeted_io(budget).load_bytes(clip_bytes).media
+    h, w = target_size(48, 64, 8, loader_preprocess())
+    assert budget.charges == [8 * h * w * 3] == [resized_frame_bytes(frames.plan, loader_preprocess())]
+
+
+def test_a_video_over_the_requests_decoded_budget_is_413_naming_vllms_variable(clip_bytes, monkeypatch):
+    import vllm.envs as envs
+
+    from qtsplus_vllm.serving.errors import QTSplusHTTPError
+
+    monkeypatch.setattr(envs, "VLLM_MAX_MEDIA_REQUEST_DECODE_BYTES", 1000, raising=False)
+    budget = _DecodedBudget(limit=1000, used=900)  # the request's images took most of it
+    with pytest.raises(QTSplusHTTPError) as info:
+        _budgeted_io(budget).load_bytes(clip_bytes)
+    assert info.value.http_status == 413
+    assert "VLLM_MAX_MEDIA_REQUEST_DECODE_BYTES" in str(info.value) and "limit of 1,000" in str(info.value)
+    assert budget.charges == []
+
+
+def test_without_a_budget_nothing_is_charged(clip_bytes):
+    """vLLM 0.32: no budget on the frame IO; the loader runs as before."""
+    frames, _ = _budgeted_io(None).load_bytes(clip_bytes).media
+    assert decoded(frames).shape[0] == 8
