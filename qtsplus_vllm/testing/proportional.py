@@ -238,12 +238,12 @@ _COMMON = dict(
 )  # fmt: skip
 PRESETS: dict[str, dict] = {
     "7b-proportional": dict(
-        _COMMON, hidden=416, layers=2, heads=13, kv_heads=1, intermediate=21376,
+        _COMMON, hidden=704, layers=1, heads=11, kv_heads=1, intermediate=34944,
         vision_depth=6, vision_hidden=240, vision_intermediate=640, vision_fullatt="5",
     ),
     "3b-proportional": dict(
-        _COMMON, hidden=576, layers=1, heads=18, kv_heads=1, intermediate=12160,
-        vision_depth=6, vision_hidden=240, vision_intermediate=640, vision_fullatt="5",
+        _COMMON, hidden=1024, layers=1, heads=16, kv_heads=1, intermediate=22592,
+        vision_depth=6, vision_hidden=320, vision_intermediate=855, vision_fullatt="5",
     ),
 }  # fmt: skip
 

@@ -146,3 +146,41 @@ def test_writer_vision_fullatt_checks(tmp_path):
         write_tiny_checkpoint(tmp_path / "x", vision_depth=2, vision_fullatt="2", vision_config=True)
     out = write_tiny_checkpoint(tmp_path / "y", vision_depth=2, vision_fullatt="none", vision_config=True)
     assert json.loads((out / "config.json").read_text())["vision_config"]["fullatt_block_indexes"] == []
+
+
+def _load_script(name: str):
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / f"{name}.py"
+    sys.path.insert(0, str(path.parent))
+    try:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(path.parent))
+    return module
+
+
+def test_server_monitor_records_the_process_tree():
+    """bench_serving's monitor: peak RSS and CPU seconds per process of a server's tree, and a trace."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("psutil")
+    pytest.importorskip("openai")
+    bench_serving = _load_script("bench_serving")
+    code = "import subprocess, sys, time; c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(3)']); time.sleep(3)"
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        with bench_serving.ServerMonitor(proc.pid, interval=0.1) as monitor:
+            proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    summary = monitor.summary()
+    assert len(summary["processes"]) == 2  # the server and its child
+    assert all(p["peak_rss_gib"] > 0 and "cpu_s" in p for p in summary["processes"])
+    assert summary["trace"] and summary["peak_tree_rss_gib"] > 0
+    assert summary["killed_for_memory"] is False
