@@ -48,6 +48,14 @@ import torch
 
 RESULTS = Path(__file__).resolve().parent / "results" / "proportional"
 TOLERANCE = 0.2
+DEFINITION = (
+    "measured_ratio = (least CPU seconds of vLLM's worker process to prefill a prompt of S tokens, over the reps "
+    "at S, / S) / (least CPU seconds of the ViT, one thread, on a 1-minute 720p grid, over every ViT sample of the "
+    "run, / its 5400 merged tokens). ViT and LM samples alternate. measured_ratio_paired_vit: the same with only "
+    "the ViT samples taken next to that S; measured_ratio_median_of_pairs: the median of the per-pair ratios "
+    "(each LM sample over the ViT sample just before it); _wall_: in wall seconds. real_flop_ratio: counted FLOPs "
+    "of the released model (prefill FLOPs of S tokens / S over ViT FLOPs per merged token)"
+)
 VIT_GRID = (30, 20, 36)  # 1 minute of 720p at 1 fps, max_pixels 360x420: 60 frames of 280x504
 
 
@@ -176,6 +184,49 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
+def summarize(contexts: list[dict], samples_by_s: dict[int, list[dict]], merged: int) -> list[dict]:
+    """Per context: the measured ratio and its verdict, from the interleaved samples.
+
+    Other work only ever adds time, so the least-disturbed sample is the best estimate of a cost: the
+    LM's least CPU seconds at that S over the ViT's least CPU seconds over every ViT sample of the run
+    (the ViT does the same work in each). Recorded next to it: the same with only the ViT samples
+    paired with that S, and the median of the per-pair ratios in CPU and in wall seconds.
+    """
+    vit_min = min(x["vit_cpu_s"] for samples in samples_by_s.values() for x in samples)
+    rows = []
+    for c in contexts:
+        samples = samples_by_s[c["tokens"]]
+        lm_min = min(x["lm_cpu_s"] for x in samples)
+        paired_vit_min = min(x["vit_cpu_s"] for x in samples)
+        measured = (lm_min / c["tokens"]) / (vit_min / merged)
+        rows.append(
+            dict(c, measured_ratio=measured, measured_over_real=measured / c["real_flop_ratio"],
+                 within_tolerance=abs(measured / c["real_flop_ratio"] - 1) <= TOLERANCE,
+                 measured_ratio_paired_vit=(lm_min / c["tokens"]) / (paired_vit_min / merged),
+                 measured_ratio_median_of_pairs=median([x["ratio_cpu"] for x in samples]),
+                 measured_ratio_wall_median_of_pairs=median([x["ratio_wall"] for x in samples]),
+                 lm_cpu_s_per_token=lm_min / c["tokens"], vit_cpu_s_per_merged_token=vit_min / merged,
+                 samples=samples)
+        )  # fmt: skip
+    return rows
+
+
+def recompute(path: Path) -> dict:
+    """Re-derive a result file's ratios and verdicts from its stored samples with :func:`summarize`."""
+    result = json.loads(path.read_text())
+    keys = ("minutes", "context", "tokens", "real_flop_ratio", "preset_flop_ratio")
+    contexts = [{k: row[k] for k in keys} for row in result["contexts"]]
+    samples_by_s = {row["tokens"]: row["samples"] for row in result["contexts"]}
+    t, h, w = result["settings"]["vit_grid"]
+    result["contexts"] = summarize(contexts, samples_by_s, t * h * w // 4)
+    result["all_within_tolerance"] = (
+        all(r["within_tolerance"] for r in result["contexts"]) and result["kv"]["within_tolerance"]
+    )
+    result["definition"] = DEFINITION
+    result["recomputed"] = shlex.join([sys.executable, *sys.argv])
+    return result
+
+
 def run(args: argparse.Namespace) -> dict:
     from qtsplus_vllm.testing.proportional import PRESETS, REAL, preset_model, ratios
     from qtsplus_vllm.testing.tiny_checkpoint import write_tiny_checkpoint
@@ -218,24 +269,11 @@ def run(args: argparse.Namespace) -> dict:
                 f"real {r['lm_vit_ratio']:.3f})",
                 flush=True,
             )
-    rows = []
-    for r, s in contexts:
-        samples = samples_by_s[r["tokens"]]
-        lm_min = min(x["lm_cpu_s"] for x in samples)
-        vit_min = min(x["vit_cpu_s"] for x in samples)
-        # Other work only ever adds time: the least-disturbed sample of each side is the best estimate
-        # of its cost. The median of the per-pair ratios is recorded next to it.
-        measured = (lm_min / r["tokens"]) / (vit_min / vit.merged)
-        rows.append(
-            dict(minutes=r["minutes"], context=r["context"], tokens=r["tokens"],
-                 real_flop_ratio=r["lm_vit_ratio"], preset_flop_ratio=s["lm_vit_ratio"],
-                 measured_ratio=measured, measured_ratio_median_of_pairs=median([x["ratio_cpu"] for x in samples]),
-                 measured_ratio_wall_median_of_pairs=median([x["ratio_wall"] for x in samples]),
-                 measured_over_real=measured / r["lm_vit_ratio"],
-                 within_tolerance=abs(measured / r["lm_vit_ratio"] - 1) <= TOLERANCE,
-                 lm_cpu_s_per_token=lm_min / r["tokens"], vit_cpu_s_per_merged_token=vit_min / vit.merged,
-                 samples=samples)
-        )  # fmt: skip
+    rows = summarize(
+        [dict(minutes=r["minutes"], context=r["context"], tokens=r["tokens"], real_flop_ratio=r["lm_vit_ratio"],
+              preset_flop_ratio=s["lm_vit_ratio"]) for r, s in contexts],
+        samples_by_s, vit.merged,
+    )  # fmt: skip
     kv = dict(
         real_kv_bytes_per_token=real["kv_bytes_per_token"], preset_kv_bytes_per_token=scaled["kv_bytes_per_token"],
         real_kv_vit_ratio=real["kv_vit_ratio"], preset_kv_vit_ratio=scaled["kv_vit_ratio"],
@@ -247,14 +285,7 @@ def run(args: argparse.Namespace) -> dict:
         "benchmark": "bench_proportional",
         "preset": args.preset,
         "preset_kwargs": PRESETS[args.preset],
-        "definition": (
-            "measured_ratio = (least CPU seconds of vLLM's worker process to prefill a prompt of S tokens, over "
-            "the reps, / S) / (least CPU seconds of the ViT, one thread, on a 1-minute 720p grid, over the ViT "
-            "samples interleaved with those reps, / its 5400 merged tokens). measured_ratio_median_of_pairs: the "
-            "median of the per-pair ratios (each LM sample with the ViT sample just before it); _wall_: the same "
-            "in wall seconds. real_flop_ratio: counted FLOPs of the released model (prefill FLOPs of S tokens / S "
-            "over ViT FLOPs per merged token)"
-        ),
+        "definition": DEFINITION,
         "tolerance": TOLERANCE,
         "all_within_tolerance": all(x["within_tolerance"] for x in rows) and kv["within_tolerance"],
         "contexts": rows,
@@ -266,6 +297,7 @@ def run(args: argparse.Namespace) -> dict:
             long_tokens=args.long_tokens,
             threads=args.threads,
             vit_grid=VIT_GRID,
+            vit_merged_tokens=vit.merged,
             engine="vllm.LLM fp32 eager",
         ),
         "machine": info,
@@ -280,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     from qtsplus_vllm.testing.proportional import PRESETS
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", choices=sorted(PRESETS), required=True)
+    p.add_argument("--preset", choices=sorted(PRESETS))
     p.add_argument("--minutes", default="1,5,10", help="video lengths whose contexts are measured")
     p.add_argument("--contexts", default="selected,all", help="selected (n + text), all (M + text)")
     p.add_argument("--reps", type=int, default=3, help="interleaved ViT/LM pairs per context")
@@ -297,7 +329,16 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     p.add_argument("--work-dir", type=Path, default=Path("/tmp/qtsplus-proportional"))
     p.add_argument("--out", type=Path)
+    p.add_argument(
+        "--recompute", type=Path, help="re-derive the ratios of a result file from its samples, in place"
+    )
     args = p.parse_args(argv)
+    if args.recompute:
+        args.recompute.write_text(json.dumps(recompute(args.recompute), indent=1) + "\n")
+        print(f"recomputed {args.recompute}")
+        return 0
+    if not args.preset:
+        p.error("--preset is required (unless --recompute)")
     result = run(args)
     out = args.out or RESULTS / f"{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -184,3 +184,24 @@ def test_server_monitor_records_the_process_tree():
     assert all(p["peak_rss_gib"] > 0 and "cpu_s" in p for p in summary["processes"])
     assert summary["trace"] and summary["peak_tree_rss_gib"] > 0
     assert summary["killed_for_memory"] is False
+
+
+def test_bench_proportional_summary_uses_least_cpu_times():
+    """The measured ratio: least LM CPU seconds at S over the least ViT CPU seconds of the whole run."""
+    pytest.importorskip("psutil")
+    bench = _load_script("bench_proportional")
+
+    def sample(lm, vit):
+        return dict(lm_cpu_s=lm, vit_cpu_s=vit, lm_wall_s=2 * lm, vit_wall_s=2 * vit,
+                    ratio_cpu=(lm / 100) / (vit / 50), ratio_wall=(lm / 100) / (vit / 50))  # fmt: skip
+
+    samples = {100: [sample(3.0, 2.0), sample(2.0, 4.0)], 1000: [sample(40.0, 1.0), sample(50.0, 3.0)]}
+    contexts = [
+        dict(minutes=1, context="selected", tokens=100, real_flop_ratio=0.5, preset_flop_ratio=0.4),
+        dict(minutes=1, context="all", tokens=1000, real_flop_ratio=1.8, preset_flop_ratio=0.9),
+    ]
+    rows = bench.summarize(contexts, samples, merged=50)
+    assert rows[0]["measured_ratio"] == pytest.approx((2.0 / 100) / (1.0 / 50))  # ViT min from the other S
+    assert rows[0]["measured_ratio_paired_vit"] == pytest.approx((2.0 / 100) / (2.0 / 50))
+    assert rows[1]["measured_ratio"] == pytest.approx((40.0 / 1000) / (1.0 / 50))
+    assert rows[0]["within_tolerance"] is False and rows[1]["within_tolerance"] is True
