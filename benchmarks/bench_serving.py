@@ -220,6 +220,7 @@ def machine_info() -> dict:
     import os
 
     info["cpu_count"] = os.cpu_count()
+    info["load_average_at_end"] = os.getloadavg()  # other work on a shared machine slows every system
     return info
 
 

@@ -43,13 +43,18 @@ import plot  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def engine_flags(max_len: int) -> list[str]:
-    """Identical engine settings for every system; caches that could flatter a system are off."""
+def engine_flags(max_len: int, batched: int | None = None) -> list[str]:
+    """Identical engine settings for every system; caches that could flatter a system are off.
+
+    ``batched``: vLLM's ``--max-num-batched-tokens`` (default ``max_len``: a prompt is prefilled in one
+    step). The cost-proportional presets' wide MLPs need chunks: a 27k-token step would take ~8 GB
+    of activations.
+    """
     return [
         "--enforce-eager",
         "--dtype", "float32",
         "--max-model-len", str(max_len),
-        "--max-num-batched-tokens", str(max_len),
+        "--max-num-batched-tokens", str(batched or max_len),
         "--max-num-seqs", "32",
         "--no-enable-prefix-caching",
         "--mm-processor-cache-gb", "0",
@@ -106,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--video-style", choices=("render", "texture"), default="render")
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--max-model-len", type=int, default=20000)
+    p.add_argument("--max-num-batched-tokens", type=int, help="default: --max-model-len (no chunking)")
     p.add_argument("--systems", default=None, help="default: qtsplus,all-tokens,stock (+ evs with CUDA)")
     p.add_argument("--runs", default="lengths,sweep", help="which runs: lengths (concurrency 1), sweep")
     p.add_argument("--tag", default=time.strftime("compare-%Y%m%d-%H%M%S"))
@@ -133,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     systems = (
         args.systems or "qtsplus,all-tokens,stock" + (",evs" if torch.cuda.is_available() else "")
     ).split(",")
-    flags = engine_flags(args.max_model_len)
+    flags = engine_flags(args.max_model_len, args.max_num_batched_tokens)
     stock_flags = flags + ["--media-io-kwargs", json.dumps({"video": {"video_backend": "qtsplus_frames"}})]
     video_dir = args.work_dir / "videos"
     runs = {
