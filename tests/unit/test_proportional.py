@@ -205,3 +205,17 @@ def test_bench_proportional_summary_uses_least_cpu_times():
     assert rows[0]["measured_ratio_paired_vit"] == pytest.approx((2.0 / 100) / (2.0 / 50))
     assert rows[1]["measured_ratio"] == pytest.approx((40.0 / 1000) / (1.0 / 50))
     assert rows[0]["within_tolerance"] is False and rows[1]["within_tolerance"] is True
+
+
+def test_compare_serving_preset_and_chunking_flags(tmp_path):
+    pytest.importorskip("openai")
+    pytest.importorskip("matplotlib")
+    compare = _load_script("compare_serving")
+    flags = compare.engine_flags(28000, 4096)
+    assert flags[flags.index("--max-model-len") + 1] == "28000"
+    assert flags[flags.index("--max-num-batched-tokens") + 1] == "4096"
+    assert (
+        compare.engine_flags(8192)[compare.engine_flags(8192).index("--max-num-batched-tokens") + 1] == "8192"
+    )
+    with pytest.raises(SystemExit, match="--preset must be one of"):
+        compare.main(["--preset", "9b-proportional", "--work-dir", str(tmp_path)])
