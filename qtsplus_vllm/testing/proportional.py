@@ -17,7 +17,7 @@ exact window sizes of the grid), every matmul of the LM (q/k/v/o, SwiGLU MLP) pe
 attention (token t attends to t keys: 2·t·H·Dh MACs per layer) and the final norm + lm_head for
 the one position a prefill samples from. Not counted: norms, rotary embeddings, softmax,
 activations, biases (each < 1 % here). The selector's cost is counted separately
-(:func:`selector_flops`): < 0.1 % of the ViT's for the real models.
+(:func:`selector_flops`): < 0.2 % of the ViT's for the real models, < 1 % for the presets.
 
 Contexts (:func:`benchmark_contexts`): 720p videos of 1, 5 and 10 minutes at the plugin's default
 sampling (1 fps, max_pixels 360×420: a 16:9 frame becomes 280×504, 180 merged tokens per 2 frames),
