@@ -33,6 +33,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -219,6 +220,7 @@ def machine_info() -> dict:
     import os
 
     info["cpu_count"] = os.cpu_count()
+    info["load_average_at_end"] = os.getloadavg()  # other work on a shared machine slows every system
     return info
 
 
@@ -292,6 +294,92 @@ def benchmark(
         return rows
 
     return asyncio.run(sweep())
+
+
+class ServerMonitor:
+    """Samples a started server's process tree: peak RSS and CPU seconds per process, a memory trace.
+
+    Every ``interval`` seconds: each process's RSS (``VmRSS``) and user+system CPU seconds (psutil),
+    the sum over the tree, and the machine's ``MemAvailable``. When ``MemAvailable`` falls under
+    ``min_available_gib`` the tree is killed (SIGKILL) before the kernel's OOM killer picks a victim
+    on a shared machine; the result then says so (``killed_for_memory``) and keeps the trace.
+    """
+
+    def __init__(self, pid: int, interval: float = 0.5, min_available_gib: float = 1.5):
+        self.pid, self.interval, self.min_available = pid, interval, min_available_gib * 2**30
+        self.processes: dict[int, dict] = {}
+        self.trace: list[tuple[float, float, float]] = []  # (seconds, tree RSS GiB, MemAvailable GiB)
+        self.killed_for_memory = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="server-monitor", daemon=True)
+        self._t0 = time.perf_counter()
+
+    def __enter__(self) -> ServerMonitor:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    @staticmethod
+    def _available() -> float:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+        return math.inf
+
+    def _run(self) -> None:
+        import psutil
+
+        try:
+            root = psutil.Process(self.pid)
+        except psutil.Error:
+            return
+        while not self._stop.is_set():
+            total = 0
+            try:
+                procs = [root, *root.children(recursive=True)]
+            except psutil.Error:
+                break
+            for proc in procs:
+                try:
+                    rss, cpu = proc.memory_info().rss, proc.cpu_times()
+                    name = proc.name()
+                except psutil.Error:
+                    continue
+                total += rss
+                entry = self.processes.setdefault(proc.pid, {"name": name, "peak_rss_gib": 0.0})
+                entry["name"] = name  # vLLM renames its processes (VLLM::EngineCore) after start
+                entry["peak_rss_gib"] = max(entry["peak_rss_gib"], rss / 2**30)
+                entry["cpu_s"] = cpu.user + cpu.system
+            available = self._available()
+            self.trace.append(
+                (
+                    round(time.perf_counter() - self._t0, 2),
+                    round(total / 2**30, 3),
+                    round(available / 2**30, 3),
+                )
+            )
+            if available < self.min_available and not self.killed_for_memory:
+                self.killed_for_memory = True
+                for proc in reversed(procs):
+                    try:
+                        proc.kill()
+                    except psutil.Error:
+                        pass
+            self._stop.wait(self.interval)
+
+    def summary(self) -> dict:
+        return {
+            "processes": sorted(self.processes.values(), key=lambda e: -e["peak_rss_gib"]),
+            "peak_tree_rss_gib": max((t[1] for t in self.trace), default=0.0),
+            "min_mem_available_gib": min((t[2] for t in self.trace), default=None),
+            "killed_for_memory": self.killed_for_memory,
+            "trace_every_s": self.interval,
+            "trace": self.trace[:: max(1, len(self.trace) // 2000)],  # (s, tree RSS GiB, MemAvailable GiB)
+        }
 
 
 def feature_cache_counters(base_url: str) -> dict[str, float]:
@@ -439,16 +527,24 @@ def main(argv: list[str] | None = None) -> int:
         from qtsplus_vllm.testing.server import RemoteServer
 
         serve_args += ["--allowed-local-media-path", str(args.video_dir.resolve())]
-        with RemoteServer(args.serve, serve_args) as server:
-            rows = run(server.base_url)
+        with RemoteServer(args.serve, serve_args) as server, ServerMonitor(server.pid) as monitor:
+            try:
+                rows = run(server.base_url)
+            except Exception as err:  # noqa: BLE001 - a server killed for memory is a result, not a crash
+                if not monitor.killed_for_memory:
+                    raise
+                rows = [{"error": f"server killed for memory (MemAvailable < 1.5 GiB): {err!r}"}]
+        server_processes = monitor.summary()
     else:
         rows = run(args.base_url)
+        server_processes = None
 
     result = {
         "benchmark": "serving-follow-up" if args.follow_up else "serving",
         "system": args.system,
         "command": shlex.join(["python", "benchmarks/bench_serving.py", *argv]),
         "server": {"model": args.serve, "flags": serve_args} if args.serve else {"base_url": args.base_url},
+        "server_processes": server_processes,
         "request": {
             "max_tokens": args.max_tokens,
             "extra_body": extra_body,

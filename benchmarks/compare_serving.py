@@ -15,6 +15,13 @@ Systems (each started with ``vllm serve`` and the same engine flags, then driven
 
     python benchmarks/compare_serving.py                     # tiny random checkpoint, CPU defaults
     python benchmarks/compare_serving.py --model DIR --lengths 60,300,600 --concurrency 1,4,16
+    python benchmarks/compare_serving.py --preset 7b-proportional --runs sweep --sweep-length 60 \
+        --concurrency 8 --video-size 1280x720 --video-fps 30 --video-style texture --max-model-len 56000
+
+``--preset`` serves a cost-proportional checkpoint (``qtsplus_vllm.testing.proportional``): its LM
+costs, per token, the real 3B/7B's multiple of the ViT's cost per merged token (measured on the CPU).
+Each server's process tree is sampled (peak RSS and CPU seconds per process, a memory trace; a
+server is stopped when the machine's available memory falls under 1.5 GiB, and the result says so).
 
 Results: one bench_serving JSON per system under benchmarks/results/<tag>/ plus the plots.
 """
@@ -36,13 +43,18 @@ import plot  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def engine_flags(max_len: int) -> list[str]:
-    """Identical engine settings for every system; caches that could flatter a system are off."""
+def engine_flags(max_len: int, batched: int | None = None) -> list[str]:
+    """Identical engine settings for every system; caches that could flatter a system are off.
+
+    ``batched``: vLLM's ``--max-num-batched-tokens`` (default ``max_len``: a prompt is prefilled in one
+    step). The cost-proportional presets' wide MLPs need chunks: a 27k-token step would take ~8 GB
+    of activations.
+    """
     return [
         "--enforce-eager",
         "--dtype", "float32",
         "--max-model-len", str(max_len),
-        "--max-num-batched-tokens", str(max_len),
+        "--max-num-batched-tokens", str(batched or max_len),
         "--max-num-seqs", "32",
         "--no-enable-prefix-caching",
         "--mm-processor-cache-gb", "0",
@@ -85,6 +97,10 @@ def run_system(
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", type=Path, help="QTSplus checkpoint (default: a generated tiny one)")
+    p.add_argument(
+        "--preset", help="generate a cost-proportional checkpoint instead of the tiny one "
+        "(qtsplus_vllm.testing.proportional: 3b-proportional, 7b-proportional)",
+    )  # fmt: skip
     p.add_argument("--work-dir", type=Path, default=Path("/tmp/qtsplus-compare"))
     p.add_argument("--lengths", default="16,64,256", help="video seconds")
     p.add_argument("--concurrency", default="1,2,4,8,16,32")
@@ -95,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--video-style", choices=("render", "texture"), default="render")
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--max-model-len", type=int, default=20000)
+    p.add_argument("--max-num-batched-tokens", type=int, help="default: --max-model-len (no chunking)")
     p.add_argument("--systems", default=None, help="default: qtsplus,all-tokens,stock (+ evs with CUDA)")
     p.add_argument("--runs", default="lengths,sweep", help="which runs: lengths (concurrency 1), sweep")
     p.add_argument("--tag", default=time.strftime("compare-%Y%m%d-%H%M%S"))
@@ -104,7 +121,16 @@ def main(argv: list[str] | None = None) -> int:
     from qtsplus_vllm.testing import write_tiny_checkpoint
 
     args.work_dir.mkdir(parents=True, exist_ok=True)
-    model = args.model or write_tiny_checkpoint(args.work_dir / "tiny-qtsplus", seed=0)
+    if args.model and args.preset:
+        raise SystemExit("give --model or --preset, not both")
+    if args.preset:
+        from qtsplus_vllm.testing.proportional import PRESETS
+
+        if args.preset not in PRESETS:
+            raise SystemExit(f"--preset must be one of {sorted(PRESETS)}")
+        model = write_tiny_checkpoint(args.work_dir / args.preset, seed=0, **PRESETS[args.preset])
+    else:
+        model = args.model or write_tiny_checkpoint(args.work_dir / "tiny-qtsplus", seed=0)
     stock_model = convert_to_qwen2_5_vl(model, args.work_dir / f"{Path(model).name}-qwen2_5_vl")
     out_dir = RESULTS / args.tag
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -113,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     systems = (
         args.systems or "qtsplus,all-tokens,stock" + (",evs" if torch.cuda.is_available() else "")
     ).split(",")
-    flags = engine_flags(args.max_model_len)
+    flags = engine_flags(args.max_model_len, args.max_num_batched_tokens)
     stock_flags = flags + ["--media-io-kwargs", json.dumps({"video": {"video_backend": "qtsplus_frames"}})]
     video_dir = args.work_dir / "videos"
     runs = {

@@ -13,7 +13,11 @@ The weights can also be written as the reference trainer's ``torch.save`` pickle
 
     python -m qtsplus_vllm.testing.tiny_checkpoint OUT_DIR [--seed 0] [--sharded] [--tied] [--weight-format bin]
         [--layout ours|trainer|trainer-safetensors|published] [--architecture NAME|none]
-        [--video-processor-type NAME|none] [--lora]
+        [--video-processor-type NAME|none] [--lora] [--preset 3b-proportional|7b-proportional]
+
+``--preset`` starts from a cost-proportional benchmark preset (:mod:`qtsplus_vllm.testing.proportional`):
+a ViT and an LM scaled down from the released 3B/7B so that their measured cost ratios on a CPU are the
+real model's, with the reference training script's selector settings.
 """
 
 from __future__ import annotations
@@ -175,24 +179,37 @@ def write_tokenizer(out: Path, tok: Tokenizer, max_len: int) -> None:
     (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
 
 
-def text_config(hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int, vocab: int) -> dict:
+def text_config(
+    hidden: int,
+    layers: int,
+    heads: int,
+    kv_heads: int,
+    intermediate: int,
+    vocab: int,
+    max_positions: int = 32768,
+) -> dict:
     """The Qwen2.5-VL text-model part of config.json, with the released field names."""
     half = hidden // heads // 2  # rotary frequencies per head; M-RoPE splits them (t, h, w)
     t = half // 4
     mrope = [t, (half - t) // 2, half - t - (half - t) // 2]
     return dict(
         attention_dropout=0.0, hidden_act="silu", hidden_size=hidden, initializer_range=0.02,
-        intermediate_size=intermediate, max_position_embeddings=32768, max_window_layers=layers,
+        intermediate_size=intermediate, max_position_embeddings=max_positions, max_window_layers=layers,
         num_attention_heads=heads, num_hidden_layers=layers, num_key_value_heads=kv_heads,
         rms_norm_eps=1e-6, rope_scaling={"type": "mrope", "mrope_section": mrope}, rope_theta=1000000.0,
-        sliding_window=32768, use_cache=True, use_sliding_window=False, vocab_size=vocab,
+        sliding_window=max_positions, use_cache=True, use_sliding_window=False, vocab_size=vocab,
     )  # fmt: skip
 
 
 def vision_hyperparams(
-    depth: int, hidden: int, intermediate: int, heads: int | None, out_hidden: int
-) -> dict:
-    """The ViT's hyper-parameters: those a reader infers from weight shapes, Qwen2.5-VL defaults otherwise."""
+    depth: int, hidden: int, intermediate: int, heads: int | None, out_hidden: int,
+    fullatt: list[int] | None = None,
+) -> dict:  # fmt: skip
+    """The ViT's hyper-parameters: those a reader infers from weight shapes, Qwen2.5-VL defaults otherwise.
+
+    ``fullatt``: the full-attention blocks (None: Qwen2.5-VL's 7/15/23/31 that exist at this depth,
+    which is what a reader infers without a ``vision_config``).
+    """
     if heads is None:
         if hidden % VIT_HEAD_DIM:
             raise ValueError(
@@ -209,7 +226,11 @@ def vision_hyperparams(
         "out_hidden_size": out_hidden,
         "tokens_per_second": 2,
         # as inferred for a config without vision_config, so both forms compute the same thing
-        "fullatt_block_indexes": [i for i in VIT_DEFAULTS["fullatt_block_indexes"] if i < depth],
+        "fullatt_block_indexes": (
+            [i for i in VIT_DEFAULTS["fullatt_block_indexes"] if i < depth]
+            if fullatt is None
+            else list(fullatt)
+        ),
     }
 
 
@@ -321,6 +342,7 @@ def write_tiny_checkpoint(
     vision_intermediate: int = 96,
     vision_heads: int | None = None,
     vision_out_hidden: int | None = None,
+    vision_fullatt: str = "",
     sharded: bool = False,
     tied: bool = False,
     dtype: torch.dtype = torch.float32,
@@ -328,6 +350,7 @@ def write_tiny_checkpoint(
     nmax: int = 256,
     rho_min: float = 0.05,
     rho_max: float = 0.5,
+    tau_s: float = 0.1,
     scoring_layers: int = 1,
     reencode_layers: int = 1,
     reencode: bool = True,
@@ -337,6 +360,7 @@ def write_tiny_checkpoint(
     architecture: str = "",
     video_processor_type: str = "",
     lora: bool = False,
+    max_position_embeddings: int = 32768,
 ) -> Path:
     """Write a random-weight QTSplus checkpoint directory (released format) and return its path.
 
@@ -361,6 +385,11 @@ def write_tiny_checkpoint(
     ``architectures`` key); ``video_processor_type``: the name ``video_preprocessor_config.json``
     gives ("" = the layout's: none for ``ours``, ``Qwen2VLVideoProcessor`` for the others; ``"none"``
     = no such file); ``lora``: a trainer's PEFT state dict with unmerged LoRA adapters.
+    ``vision_fullatt``: the ViT's full-attention blocks, comma-separated ("" = Qwen2.5-VL's 7/15/23/31
+    below ``vision_depth``, as readers infer; ``"none"`` = window attention only); another choice than
+    the default needs ``vision_config`` (readers cannot infer it). ``tau_s`` (training only) and
+    ``max_position_embeddings`` are written to config.json. The cost-proportional benchmark presets
+    (:data:`qtsplus_vllm.testing.proportional.PRESETS`) are sets of these keywords.
     Raises ValueError / CheckpointError for inconsistent sizes, before writing anything.
     """
     out_hidden = hidden if vision_out_hidden is None else vision_out_hidden
@@ -380,13 +409,30 @@ def write_tiny_checkpoint(
         raise ValueError(
             "lora is what the reference trainer writes: use layout 'trainer' or 'trainer-safetensors'"
         )
-    vision = vision_hyperparams(vision_depth, vision_hidden, vision_intermediate, vision_heads, out_hidden)
+    fullatt = None
+    if vision_fullatt:
+        try:
+            fullatt = [] if vision_fullatt == "none" else sorted({int(i) for i in vision_fullatt.split(",")})
+        except ValueError:
+            raise ValueError(
+                f"vision_fullatt must be block numbers like '3,7' or 'none', got {vision_fullatt!r}"
+            ) from None
+        if any(not 0 <= i < vision_depth for i in fullatt):
+            raise ValueError(f"vision_fullatt={vision_fullatt!r}: blocks must be in 0..{vision_depth - 1}")
+        default = [i for i in VIT_DEFAULTS["fullatt_block_indexes"] if i < vision_depth]
+        if fullatt != default and not vision_config:
+            raise ValueError(
+                "vision_fullatt cannot be inferred from weights by readers: also set vision_config=True"
+            )
+    vision = vision_hyperparams(
+        vision_depth, vision_hidden, vision_intermediate, vision_heads, out_hidden, fullatt
+    )
     tok = build_tokenizer()
     ids = added_token_ids(tok)
     eot, im_end = ids["<|endoftext|>"], ids["<|im_end|>"]
     vocab = -(-tok.get_vocab_size() // 64) * 64  # rounded up like the real 151936 / 152064
     config_dict = {
-        **text_config(hidden, layers, heads, kv_heads, intermediate, vocab),
+        **text_config(hidden, layers, heads, kv_heads, intermediate, vocab, max_position_embeddings),
         "architectures": [ARCHITECTURE],
         # the released repo points at remote code; it must never be needed (our config is registered)
         "auto_map": {
@@ -405,7 +451,7 @@ def write_tiny_checkpoint(
         "vision_embed_size": hidden, "vision_tower_embed_size": out_hidden, "qts_plus_n_heads": heads,
         "qts_plus_nmax": nmax, "qts_plus_rho_min": rho_min, "qts_plus_rho_max": rho_max,
         "qts_plus_scoring_layers": scoring_layers, "qts_plus_reencode": reencode,
-        "qts_plus_reencode_layers": reencode_layers, "qts_plus_tau_s": 0.1, "qts_plus_block_dropout": 0.0,
+        "qts_plus_reencode_layers": reencode_layers, "qts_plus_tau_s": tau_s, "qts_plus_block_dropout": 0.0,
         "lambda_t": 1.0, "lambda_m": 1.7, "lambda_s": 0.05,
     }  # fmt: skip
     if vision_config:
@@ -448,8 +494,15 @@ def main(argv: list[str] | None = None) -> int:
     Flags are derived from the signature so the two never drift: ``--kv-heads 2``, ``--sharded``,
     ``--tied``, ``--vision-config``, ``--no-reencode``, ``--dtype bfloat16`` ...
     """
+    from .proportional import PRESETS
+
     parser = argparse.ArgumentParser(description="Write a tiny random-weight QTSplus checkpoint")
     parser.add_argument("out_dir")
+    parser.add_argument(
+        "--preset", choices=sorted(PRESETS),
+        help="start from a cost-proportional benchmark preset (qtsplus_vllm.testing.proportional); "
+        "other flags given override its values",
+    )  # fmt: skip
     for name, param in inspect.signature(write_tiny_checkpoint).parameters.items():
         flag, default = "--" + name.replace("_", "-"), param.default
         if param.kind is not param.KEYWORD_ONLY:
@@ -469,7 +522,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             kind = float if isinstance(default, float) else int
             parser.add_argument(flag, type=kind, default=default, help=f"default: {default}")
+    preset = parser.parse_known_args(argv)[0].preset
+    if preset:
+        parser.set_defaults(**PRESETS[preset])
     args = vars(parser.parse_args(argv))
+    args.pop("preset")
     out_dir, args["dtype"] = args.pop("out_dir"), DTYPES[args["dtype"]]
     try:
         print(write_tiny_checkpoint(out_dir, **args))
