@@ -80,7 +80,7 @@ def plot(rows: list[dict], path: Path) -> None:
     labels = [f"{r['content']}\n{r['resolution']} {r['minutes']:g} min" for r in rows]
     xs = range(len(rows))
     width = 0.16
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(rows)), 4.5))
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(rows)) + 2.5, 4.5))
     series = [
         ("decode floor", "floor_ms", "#777777"),
         ("preprocess", "preprocess_ms", "#4c72b0"),
@@ -97,7 +97,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_xticks(list(xs), labels)
     ax.set_ylabel("seconds (one request alone)")
     ax.set_title("Media path by content kind, tiny checkpoint on CPU")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
