@@ -672,11 +672,8 @@ def prepare_video(video: LazyVideo, preprocess: PreprocessConfig | None = None) 
     failure, and when the resize runs out of memory (the processor then streams the video, with its
     own handling of that). Decode errors and limits met while decoding raise.
     """
-    if _DEVICE_FAILURE is not None:
-        return None
     preprocess = preprocess or loader_preprocess()
-    t, h, w, _ = video.shape
-    if vit_patch_count(t, h, w, preprocess) > server_limits().max_vit_patches:
+    if not _loader_may_take(video, preprocess):
         return None
     runtime = loaded_runtime()
     if runtime is not None and runtime.feature_cache.max_bytes:
@@ -697,6 +694,16 @@ def prepare_video(video: LazyVideo, preprocess: PreprocessConfig | None = None) 
     return None
 
 
+def _loader_may_take(video: LazyVideo, preprocess: PreprocessConfig) -> bool:
+    """Whether the media loader may work on ``video`` ahead of the processor: not after a device
+    failure, nor over the ViT-patch limit at these settings (the processor refuses it, or decodes it
+    at a request's own lower settings)."""
+    if _DEVICE_FAILURE is not None:
+        return False
+    t, h, w, _ = video.shape
+    return vit_patch_count(t, h, w, preprocess) <= server_limits().max_vit_patches
+
+
 _LOADER_RUNTIME = None  # () -> SelectionRuntime: the server's, for encode_ahead (set by the processor)
 
 
@@ -710,11 +717,8 @@ def encode_ahead(video: LazyVideo, preprocess: PreprocessConfig | None = None) -
     """The ViT's rows of ``video`` computed here, in the media loader (``QTSPLUS_PREPARE_IN_LOADER=vit``),
     or None where that would be wasted or cannot be done here (as :func:`prepare_video`; also when no
     runtime is known to this process). A runtime that cannot be loaded raises its 503."""
-    if _DEVICE_FAILURE is not None:
-        return None
     preprocess = preprocess or loader_preprocess()
-    t, h, w, _ = video.shape
-    if vit_patch_count(t, h, w, preprocess) > server_limits().max_vit_patches:
+    if not _loader_may_take(video, preprocess):
         return None
     runtime = loaded_runtime()
     if runtime is None and _LOADER_RUNTIME is not None:
