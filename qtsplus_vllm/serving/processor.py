@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -59,7 +60,7 @@ from ..runtime import (
     trust_client_uuids,
 )
 from ..streaming import LazyVideo, is_encoded_video
-from ..video import VideoDecodeError, vit_patch_count
+from ..video import PreprocessConfig, VideoDecodeError, vit_patch_count
 from .cancellation import install as install_cancellation
 from .errors import as_http_error
 from .health import install_health_check
@@ -93,7 +94,7 @@ class QTSplusProcessingInfo(BaseProcessingInfo):
         return dict(MAX_ITEMS)
 
     def get_mm_max_tokens_per_item(self, seq_len: int, mm_counts: Mapping[str, int]) -> Mapping[str, int]:
-        return dict.fromkeys(MAX_ITEMS, self.get_hf_config().qts_plus_nmax)
+        return dict.fromkeys(MAX_ITEMS, max_item_tokens(self.ctx.model_config, self.get_hf_config(), seq_len))
 
     def pad_id(self, modality: str) -> int:
         return self.get_tokenizer().convert_tokens_to_ids(PAD_TOKENS[modality])
@@ -103,15 +104,48 @@ class QTSplusProcessingInfo(BaseProcessingInfo):
         return self.pad_id("video")
 
 
+def selection_may_be_off(model_config) -> bool:
+    """Whether an item can reach the LM with all its M rows (``qtsplus_select: false``).
+
+    True when the server's default ``--mm-processor-kwargs`` turns the selection off, or when
+    requests may set their own (``--trust-request-mm-kwargs``). That flag is a front-end argument
+    the engine process never sees in its config, so it is read from the command line, which every
+    process of ``vllm serve`` shares (forked or spawned, ``sys.argv`` is the parent's).
+    """
+    mm_config = getattr(model_config, "multimodal_config", None)
+    defaults = dict(getattr(mm_config, "mm_processor_kwargs", None) or {})
+    if defaults.get("qtsplus_select") is False:
+        return True
+    return any(arg == "--trust-request-mm-kwargs" or arg.startswith("--trust-request-mm-kwargs=")
+               for arg in sys.argv)  # fmt: skip
+
+
+def max_item_tokens(model_config, config: QTSplusConfig, seq_len: int) -> int:
+    """The most LM rows one video or image can take: vLLM sizes its encoder cache from it.
+
+    With the selection on that is nmax. Where a request can turn it off, an item may bring all M
+    rows, up to the context (``seq_len``) and ``QTSPLUS_MAX_VIT_PATCHES``: vLLM 0.32 refuses an item
+    larger than its encoder cache ("exceeds the pre-allocated encoder cache size"), and without this
+    the cache is ``--max-num-batched-tokens`` tokens, so an unselected long video would need its
+    whole prefill in one step instead of chunks. The cost: the profile run holds that many zero rows
+    (seq_len × hidden × dtype bytes) while vLLM measures memory, as stock Qwen2.5-VL does.
+    """
+    nmax = config.qts_plus_nmax
+    if not selection_may_be_off(model_config):
+        return nmax
+    all_rows = min(seq_len, server_limits().max_vit_patches // PreprocessConfig.merge_size**2)
+    return max(nmax, all_rows)
+
+
 class QTSplusDummyInputsBuilder(BaseDummyInputsBuilder[QTSplusProcessingInfo]):
     def get_dummy_text(self, mm_counts: Mapping[str, int]) -> str:
         return "".join(PLACEHOLDERS[modality] * mm_counts.get(modality, 0) for modality in PLACEHOLDERS)
 
     def get_dummy_mm_data(self, seq_len: int, mm_counts: Mapping[str, int], mm_options=None):
-        """nmax zero rows per item, as embeddings: the largest item, with no ViT or selector."""
+        """Zero rows of the largest item (:func:`max_item_tokens`) per item, as embeddings: no ViT or selector."""
         config = self.info.get_hf_config()
         dtype = self.info.ctx.model_config.dtype
-        rows = config.qts_plus_nmax
+        rows = max_item_tokens(self.info.ctx.model_config, config, seq_len)
         return {
             modality: [torch.zeros(rows, config.hidden_size, dtype=dtype) for _ in range(count)]
             for modality, count in mm_counts.items()

@@ -13,6 +13,7 @@ from qtsplus_vllm.testing.server import RemoteServer, ServerStartupError, cpu_se
 from qtsplus_vllm.video import SamplingConfig
 
 QUESTION = "Where does the square go?"
+PREFILL_CHUNK = 256
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +28,7 @@ def assets(tmp_path_factory):
 def client(assets, vllm_cache_root):
     root, model, _ = assets
     args = cpu_serve_args(max_model_len=4096) + [
+        "--max-num-batched-tokens", str(PREFILL_CHUNK),  # prompts above it prefill in chunks
         "--allowed-local-media-path", str(root),
         "--trust-request-mm-kwargs",
         "--mm-processor-kwargs", json.dumps({"qtsplus_max_tokens": 9}),
@@ -66,6 +68,19 @@ def test_server_defaults_apply_and_requests_override_them(assets, client):
         {"mm_processor_kwargs": {"qtsplus_select": False}, "media_io_kwargs": {"video": {"fps": 1}}},
     )
     assert off.prompt_token_ids.count(pad) == at_1fps.num_visual_tokens
+
+
+def test_an_unselected_video_larger_than_a_prefill_chunk_is_served(assets, client):
+    """All M rows of one item (M > --max-num-batched-tokens): vLLM's encoder cache must hold the
+    whole item, so the plugin declares the unselected maximum when requests may turn selection off;
+    the prefill then runs in chunks instead of being refused."""
+    _, model, video = assets
+    oracle = ReferencePipeline(model)
+    m = oracle.answer(video, QUESTION, max_new_tokens=1, sampling=SamplingConfig(fps=2.0)).num_visual_tokens
+    assert m > PREFILL_CHUNK  # the item alone needs several prefill steps
+    off = ask(client, video, {"mm_processor_kwargs": {"qtsplus_select": False}})
+    assert off.prompt_token_ids.count(oracle.video_pad_id) == m
+    assert len(off.choices[0].token_ids) == 6
 
 
 def test_invalid_server_default_stops_start_up(assets, vllm_cache_root, tmp_path):

@@ -468,3 +468,33 @@ def test_introspection_loads_and_selects_off_the_event_loop(monkeypatch):
     assert len(ticks) > 10 and gaps.max() < 0.3, f"the event loop stalled for {gaps.max():.2f} s"
     json.dumps(answer.model_dump())  # serialisable
     gc.collect()
+
+
+@pytest.mark.parametrize(
+    ("defaults", "argv", "expected"),
+    [
+        ({}, ["vllm", "serve", "m"], 256),  # selection always on: nmax
+        ({"qtsplus_select": False}, ["vllm", "serve", "m"], 4096),  # off by default: the context
+        ({}, ["vllm", "serve", "m", "--trust-request-mm-kwargs"], 4096),  # a request may turn it off
+        ({}, ["vllm", "serve", "m", "--trust-request-mm-kwargs=true"], 4096),
+        ({"qtsplus_select": True, "qtsplus_max_tokens": 9}, ["vllm", "serve", "m"], 256),
+    ],
+)
+def test_the_encoder_cache_holds_an_unselected_item_when_a_request_can_ask_for_one(
+    monkeypatch, defaults, argv, expected
+):
+    """vLLM sizes its encoder cache from the largest item; an unselected video brings all M rows.
+
+    Declaring only nmax made vLLM refuse every unselected item above ``--max-num-batched-tokens``
+    ("exceeds the pre-allocated encoder cache size"), i.e. it forced one-step prefills.
+    """
+    from types import SimpleNamespace
+
+    monkeypatch.setattr("sys.argv", argv)
+    model_config = SimpleNamespace(multimodal_config=SimpleNamespace(mm_processor_kwargs=defaults))
+    config = SimpleNamespace(qts_plus_nmax=256)
+    assert processor_module.max_item_tokens(model_config, config, seq_len=4096) == expected
+    # bounded by the largest video the limits admit, never below nmax
+    big = processor_module.max_item_tokens(model_config, config, seq_len=10**7)
+    assert big in (256, processor_module.server_limits().max_vit_patches // 4)
+    assert processor_module.max_item_tokens(model_config, config, seq_len=100) == 256
