@@ -1,4 +1,4 @@
-"""GPU evidence in one command: kernel tests, selector on CUDA vs CPU, gate, pipeline, ViT attention, media.
+"""GPU evidence in one command: kernel tests, selector, gate, ViT attention, pipeline, proportional, media.
 
 On a bare GPU machine (Python 3.12, torch, Triton, transformers; no vLLM, PyAV or qwen-vl-utils; no
 network) it installs the wheels carried in ``benchmarks/wheels/`` (``scripts/fetch_gpu_wheels.py``
@@ -15,6 +15,11 @@ runs each step in its own time-boxed subprocess inside one overall budget (defau
                    median ms, peak CUDA memory, error against the first; plus fp32 on a 1-minute video
 ``pipeline``       ``bench_pipeline.py --model 7B --minutes 10`` (ViT, selector, prefill n vs M, KV bytes,
                    decode, follow-up)
+``proportional``   the cost-proportional comparison's in-process part at the real 7B and 3B shapes (bf16,
+                   random weights, no vLLM): ViT ms per merged token on a 1-minute 720p grid, transformers'
+                   Qwen2 causal prefill ms per token at proportional.benchmark_contexts (n + text, M + text
+                   at 1/5/10 min); measured ratio vs the counted FLOP ratio, KV bytes per token, and the
+                   prefill seconds selection removes per video
 ``media``          ``benchmarks/bench_media.py --device ... --minutes 10`` when that script exists (the
                    long-video media path on the GPU); skipped otherwise
 =================  =====================================================================================
@@ -22,7 +27,9 @@ runs each step in its own time-boxed subprocess inside one overall budget (defau
 A step that cannot run (CUDA, a package or the script missing, budget spent) is recorded as skipped
 with the reason; a crash or a timeout is recorded as failed with the end of its log. Output (at most
 8 files, what a device call brings back): ``suite.json`` (machine, versions, command, every step's
-status and the targets), one ``<step>.json`` per step, ``suite.png``. A summary table ends stdout.
+status, the targets, and under ``results`` every step's full record) and ``suite.png``. While the
+suite runs, each step writes ``<step>.json`` (kept if the suite itself is cut short); they are folded
+into ``suite.json`` at the end. A summary table ends stdout.
 
     python benchmarks/gpu_suite.py                          # GPU, full sizes, into $OUT (or benchmarks/results/)
     python benchmarks/gpu_suite.py --device cpu --quick     # CPU dry run at tiny sizes (CI runs it)
@@ -35,8 +42,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
+import importlib.util
 import json
+import math
 import os
 import platform
 import shlex
@@ -54,7 +64,7 @@ REPO = Path(__file__).resolve().parents[1]
 BENCHMARKS = REPO / "benchmarks"
 WHEELS = BENCHMARKS / "wheels"
 SITE = Path(tempfile.gettempdir()) / "qtsplus-gpu-site"
-STEPS = ("kernel_tests", "selector", "score_topk", "vit_attention", "pipeline", "media")
+STEPS = ("kernel_tests", "selector", "score_topk", "vit_attention", "pipeline", "proportional", "media")
 # per-step time boxes in seconds (full run, --quick); the overall --budget-s caps them further
 TIME_BOX = {
     "setup": (90, 60),
@@ -63,6 +73,7 @@ TIME_BOX = {
     "score_topk": (150, 90),
     "vit_attention": (100, 60),
     "pipeline": (170, 120),
+    "proportional": (120, 60),
     "media": (120, 60),
 }
 SKIP_EXIT = 75  # a step exits with this after writing {"status": "skipped", "reason": ...}
@@ -430,12 +441,292 @@ def step_media(args, tmp: Path) -> dict:
     return {"ok": code == 0, "argv": argv, "result": json.loads(raw.read_text()) if raw.is_file() else None}
 
 
+# ----------------------------------------------------------------------------- proportional
+
+PROPORTIONAL_MODELS = ("7B", "3B")  # the headline model first: a time box cuts the last
+PROPORTIONAL_DEFINITION = (
+    "measured_ratio = (median ms of a causal prefill of S tokens / S) / (median ms of the ViT on a 1-minute 720p "
+    "grid / its merged tokens), both in-process on the device with random weights (CUDA events, synchronised). "
+    "Prefill: transformers' Qwen2Model at the real LMShape over S random input embeddings (one pass, no chunks, "
+    "no KV cache kept), then lm_head on the last position; with layers_timed < layers_total the time of "
+    "layers_timed layers (+ final norm) is scaled by layers_total / layers_timed and lm_head_ms (timed apart) "
+    "added once. real_flop_ratio: "
+    "counted FLOPs of the released model (qtsplus_vllm.testing.proportional: prefill FLOPs of S tokens / S over "
+    "ViT FLOPs per merged token). measured_over_real = measured_ratio / real_flop_ratio. kv_bytes_per_token: "
+    "counted, 2 x layers x Hkv x Dh x dtype bytes"
+)
+PROPORTIONAL_TOLERANCE = 0.2  # bench_proportional.py's: within ±20 % counts as proportional
+# --quick (CPU, fp32): write_tiny_checkpoint's LM and the vit_attention step's tiny ViT on a 12 x 20
+# patch grid; "1, 5, 10 minutes" are 1, 5, 10 temporal slices of it
+QUICK_SELECTOR = dict(nmax=32, rho_min=0.05, rho_max=0.5)
+QUICK_GRIDS = {1: (1, 12, 20), 5: (5, 12, 20), 10: (10, 12, 20)}
+QUICK_TEXT_TOKENS = 16
+
+
+def proportional_cases(quick: bool) -> tuple[dict, str]:
+    """label -> (proportional.Model, contexts, ViT grid), and where the contexts come from."""
+    from qtsplus_vllm.testing import proportional as prop
+
+    if quick:
+        tiny = prop.Model(
+            "tiny (write_tiny_checkpoint's LM, the vit_attention step's tiny ViT)",
+            prop.LMShape(128, 2, 4, 2, 256, 512),
+            prop.ViTShape(depth=4, hidden=160, intermediate=96, heads=2, out_hidden=128, fullatt_blocks=(3,)),
+            prop.FP32, QUICK_SELECTOR,
+        )  # fmt: skip
+        contexts = prop.benchmark_contexts(tiny.selector, QUICK_TEXT_TOKENS, QUICK_GRIDS)
+        return {"tiny": (tiny, contexts, QUICK_GRIDS[1])}, "QUICK_GRIDS (tiny)"
+    try:
+        contexts = prop.benchmark_contexts(prop.TRAINING_SELECTOR)
+        source = "proportional.benchmark_contexts (the sizing rule)"
+    except ImportError as exc:  # the bare GPU image: no PyAV / qwen-vl-utils for qtsplus_vllm.video
+        contexts = prop.benchmark_contexts(prop.TRAINING_SELECTOR, 64, prop.GRIDS_720P)
+        source = f"proportional.GRIDS_720P and 64 text tokens ({exc.name} is not installed)"
+    return {k: (prop.REAL[k], contexts, prop.GRIDS_720P[1]) for k in PROPORTIONAL_MODELS}, source
+
+
+def vit_spec(vit) -> dict:
+    """random_vit's spec for a :class:`~qtsplus_vllm.testing.proportional.ViTShape`."""
+    return dict(depth=vit.depth, hidden_size=vit.hidden, num_heads=vit.heads, intermediate_size=vit.intermediate,
+                fullatt_block_indexes=list(vit.fullatt_blocks), out_hidden_size=vit.out_hidden)  # fmt: skip
+
+
+def random_lm(lm, layers: int, device, dtype, attention: str, seed: int = 0):
+    """transformers' Qwen2Model at ``lm``'s dims with ``layers`` layers and random weights, and an lm_head.
+
+    Built on the meta device and materialised on ``device`` in ``dtype`` (never in fp32 first). The
+    embedding table is a stub: prompts go in as embeddings, as the visual rows do.
+    """
+    import torch
+    from transformers import Qwen2Config, Qwen2Model
+
+    config = Qwen2Config(vocab_size=8, hidden_size=lm.hidden, intermediate_size=lm.intermediate,
+                         num_hidden_layers=layers, num_attention_heads=lm.heads, num_key_value_heads=lm.kv_heads,
+                         max_position_embeddings=131072, use_cache=False)  # fmt: skip
+    config._attn_implementation = attention
+    with torch.device("meta"):
+        model = Qwen2Model(config).to(dtype)
+        head = torch.nn.Linear(lm.hidden, lm.vocab, bias=False).to(dtype)
+    model, head = model.to_empty(device=device), head.to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in [*model.named_parameters(), *head.named_parameters()]:
+            if p.ndim == 1:
+                p.fill_(1.0 if "norm" in name else 0.0)
+            else:
+                p.normal_(0.0, p[0].numel() ** -0.5, generator=gen)
+    with torch.device(device):
+        model.rotary_emb = type(model.rotary_emb)(config)
+    return model.eval().requires_grad_(False), head.eval().requires_grad_(False)
+
+
+def _proportional_rows(model, contexts: list, measured: dict, rec: dict) -> list[dict]:
+    """One row per (minutes, selected | all), as proportional.ratios lays them out."""
+    from qtsplus_vllm.testing import proportional as prop
+
+    rows = []
+    for c in contexts:
+        for kind in ("selected", "all"):
+            s = c[f"s_{kind}"]
+            real = prop.lm_prefill_flops(model.lm, s)["per_token"] / rec["vit_flops_per_merged_token"]
+            row = {"minutes": c["minutes"], "context": kind, "tokens": s, "m": c["m"], "n": c["n_rho_max"],
+                   "real_flop_ratio": real, "kv_bytes_per_token": rec["kv_bytes_per_token"],
+                   "kv_bytes": rec["kv_bytes_per_token"] * s}  # fmt: skip
+            got = measured.get(s, {"status": "not run"})
+            if got["status"] == "ok":
+                ratio = got["ms"] / s / rec["vit_ms_per_merged_token"]
+                row.update(status="ok", lm_ms=got["ms"], lm_ms_per_token=got["ms"] / s, measured_ratio=ratio,
+                           measured_over_real=ratio / real)  # fmt: skip
+            else:
+                row.update({k: v for k, v in got.items() if k in ("status", "reason", "error")})
+            rows.append(row)
+    return rows
+
+
+def _time_vit(vit, grid, device, dtype, warmup: int, iters: int) -> tuple[str, list[float]]:
+    """The attention implementation serving picks here, and ms of each timed ViT forward on ``grid``."""
+    import torch
+
+    encoder = random_vit(vit_spec(vit), device, dtype)
+    attention = encoder.set_attention("auto")
+    gen = torch.Generator(device=device).manual_seed(1)
+    pixels = torch.randn(math.prod(grid), 3 * 2 * 14 * 14, device=device, dtype=dtype, generator=gen)
+    grid_thw = torch.tensor([grid], device=device)
+    return attention, time_ms(lambda: encoder(pixels, grid_thw), device, warmup, iters)
+
+
+def measure_proportional(
+    model, contexts, grid, device, dtype, reps, lm_layers, attention, deadline, save
+) -> dict:
+    """The ViT's ms per merged token on ``grid``, then the prefill's ms at each distinct S (ascending).
+
+    ``save(record)`` is called as figures come in (the step's JSON survives a time box). A prompt whose
+    projected time (the last one's scaled by counted FLOPs) would end past ``deadline`` is skipped.
+    """
+    import torch
+
+    from qtsplus_vllm.testing import proportional as prop
+
+    warmup, iters = reps
+    t, hh, ww = grid
+    vit_fl = prop.vit_flops(model.vit, t, hh, ww)
+    dtype_bytes = prop.BF16 if dtype in (torch.bfloat16, torch.float16) else prop.FP32
+    layers = min(lm_layers or model.lm.layers, model.lm.layers)
+    rec = {"model": model.name, "lm": dataclasses.asdict(model.lm), "vit": dataclasses.asdict(model.vit),
+           "vit_grid": list(grid), "vit_merged_tokens": vit_fl["merged_tokens"],
+           "vit_flops_per_merged_token": vit_fl["per_merged_token"], "lm_attention": attention,
+           "layers_timed": layers, "layers_total": model.lm.layers, "scaled_by_layers": layers < model.lm.layers,
+           "kv_bytes_per_token": model.lm.kv_bytes_per_token(dtype_bytes), "contexts": []}  # fmt: skip
+    rec["vit_attention"], samples = _time_vit(model.vit, grid, device, dtype, warmup, iters)
+    vit_ms = statistics.median(samples)
+    rec.update(vit_ms_samples=samples, vit_ms=vit_ms, vit_ms_per_merged_token=vit_ms / vit_fl["merged_tokens"],
+               vit_tflops=vit_fl["total"] / vit_ms / 1e9)  # fmt: skip
+    save(rec)
+
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()
+    clock = time.monotonic()
+    lm, head = random_lm(model.lm, layers, device, dtype, attention)
+    cuda_sync(device)
+    rec["lm_build_s"] = time.monotonic() - clock
+    scale = model.lm.layers / layers
+    gen = torch.Generator(device=device).manual_seed(2)
+    head_ms = 0.0  # lm_head on one position: timed apart when the layers are scaled, added once
+    if scale != 1:
+        last_row = torch.randn(1, model.lm.hidden, device=device, dtype=dtype, generator=gen)
+        with torch.inference_mode():
+            head_ms = statistics.median(
+                time_ms(lambda h=head, x=last_row: h(x), device, warmup, max(iters, 3))
+            )
+        rec["lm_head_ms"] = head_ms
+    measured, last = {}, None  # last: (counted FLOPs, ms of the timed layers) of the last prompt
+    for s in sorted({c[k] for c in contexts for k in ("s_selected", "s_all")}):
+        flops = prop.lm_prefill_flops(model.lm, s)
+        entry = {"tokens": s}
+        if last is not None and deadline is not None:
+            projected = (warmup + iters) * last[1] / 1e3 * flops["total"] / last[0]
+            if time.monotonic() + projected > deadline:
+                measured[s] = {**entry, "status": "skipped",
+                               "reason": f"~{projected:.0f} s would not fit the step's time box"}  # fmt: skip
+                continue
+        x = torch.randn(1, s, model.lm.hidden, device=device, dtype=dtype, generator=gen) * 0.02
+
+        def prefill(x=x, lm=lm, head=head):
+            with torch.inference_mode():
+                return head(lm(inputs_embeds=x, use_cache=False).last_hidden_state[:, -1])
+
+        try:
+            if cuda:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
+            ms = time_ms(prefill, device, warmup, iters)
+            if cuda:
+                entry["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        except Exception as exc:  # e.g. out of memory: record it, go on with the next
+            measured[s] = {**entry, "status": "failed", "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+            continue
+        finally:
+            del x, prefill
+        median = statistics.median(ms)
+        last = (flops["total"], median)
+        full = [(m - head_ms) * scale + head_ms for m in ms]
+        measured[s] = {**entry, "status": "ok", "ms": statistics.median(full), "ms_samples": full,
+                       "tflops": flops["total"] / statistics.median(full) / 1e9}  # fmt: skip
+        rec.update(
+            prompts=list(measured.values()), contexts=_proportional_rows(model, contexts, measured, rec)
+        )
+        save(rec)
+    del lm, head
+    rec.update(prompts=list(measured.values()), contexts=_proportional_rows(model, contexts, measured, rec))
+    ok = {s for s, m in measured.items() if m["status"] == "ok"}
+    rec["selection_removes"] = [
+        {"minutes": c["minutes"], "m": c["m"], "n": c["n_rho_max"], "tokens_all": c["s_all"],
+         "tokens_selected": c["s_selected"], "prefill_all_s": measured[c["s_all"]]["ms"] / 1e3,
+         "prefill_selected_s": measured[c["s_selected"]]["ms"] / 1e3,
+         "removed_s": (measured[c["s_all"]]["ms"] - measured[c["s_selected"]]["ms"]) / 1e3,
+         "vit_s": rec["vit_ms_per_merged_token"] * c["m"] / 1e3}
+        for c in contexts
+        if c["s_all"] in ok and c["s_selected"] in ok
+    ]  # fmt: skip
+    save(rec)
+    return rec
+
+
+def step_proportional(args, tmp: Path, cases: dict | None = None, lm_layers: int | None = None) -> dict:
+    """LM prefill time per token over ViT time per merged token at the real 3B/7B shapes, on the device.
+
+    ``cases`` (label -> (Model, contexts, ViT grid)) and ``lm_layers`` override the sizes (tests).
+    """
+    import torch
+
+    device = torch.device(args.device)
+    source = "given"
+    if cases is None:
+        cases, source = proportional_cases(args.quick)
+    half = device.type == "cuda" and not args.quick
+    dtype = torch.bfloat16 if half else torch.float32
+    reps = (1, 3) if half else (1, 1)
+    flash = half and importlib.util.find_spec("flash_attn") is not None
+    attention = "flash_attention_2" if flash else "sdpa"
+    timeout = getattr(args, "step_timeout_s", None)
+    deadline = time.monotonic() + timeout - 10 if timeout else None
+    out = {"definition": PROPORTIONAL_DEFINITION, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+           "reps": {"warmup": reps[0], "iters": reps[1]}, "contexts_source": source,
+           "tolerance": PROPORTIONAL_TOLERANCE, "models": {}}  # fmt: skip
+    path = args.out / "proportional.json"
+    for label, (model, contexts, grid) in cases.items():
+        if deadline is not None and time.monotonic() > deadline - 15:
+            out["models"][label] = {
+                "model": model.name,
+                "status": "skipped",
+                "reason": "the step's time box is spent",
+            }
+            continue
+
+        def save(rec, label=label):
+            write_json(path, {"step": "proportional", **out, "models": {**out["models"], label: rec}})
+
+        try:
+            rec = measure_proportional(
+                model, contexts, grid, device, dtype, reps, lm_layers, attention, deadline, save
+            )
+            rec["status"] = "ok"
+        except Exception as exc:  # e.g. out of memory building it: record it, go on with the next model
+            rec = {
+                "model": model.name,
+                "status": "failed",
+                "error": f"{type(exc).__name__}: {str(exc)[:500]}",
+            }
+        out["models"][label] = rec
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    records = out["models"].values()
+    failed = [r for r in records if r["status"] == "failed"] + [
+        p for r in records for p in r.get("prompts", []) if p["status"] == "failed"
+    ]
+    measured = [c for r in records for c in r.get("contexts", []) if c["status"] == "ok"]
+    return {"ok": bool(measured) and not failed, "targets": proportional_targets(out), **out}
+
+
+def proportional_targets(data: dict) -> dict:
+    """Is the 7B's measured LM/ViT time ratio its FLOP ratio within the tolerance, at every context?"""
+    rows = [c for c in data["models"].get("7B", {}).get("contexts", []) if c["status"] == "ok"]
+    if not rows:
+        return {"checked": False, "reason": "no 7B row (quick or CPU run, or not measured)"}
+    worst = max((c["measured_over_real"] for c in rows), key=lambda q: abs(q - 1.0))
+    return {"checked": True, "contexts": len(rows), "measured_over_real_min": min(c["measured_over_real"] for c in rows),
+            "measured_over_real_max": max(c["measured_over_real"] for c in rows), "worst": worst,
+            "within_tolerance": abs(worst - 1.0) <= PROPORTIONAL_TOLERANCE}  # fmt: skip
+
+
 STEP_FUNCTIONS = {
     "kernel_tests": step_kernel_tests,
     "selector": step_selector,
     "score_topk": step_score_topk,
     "vit_attention": step_vit_attention,
     "pipeline": step_pipeline,
+    "proportional": step_proportional,
     "media": step_media,
 }
 
@@ -498,7 +789,7 @@ def setup(args, env: dict) -> dict:
 
 def run_child(name: str, args, env: dict, timeout: float) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--run-step", name, "--device", args.device,
-           "--out", str(args.out), *(["--quick"] if args.quick else [])]  # fmt: skip
+           "--out", str(args.out), "--step-timeout-s", f"{timeout:.0f}", *(["--quick"] if args.quick else [])]  # fmt: skip
     clock = time.perf_counter()
     with tempfile.TemporaryFile(mode="w+", errors="replace") as log:
         proc = subprocess.Popen(
@@ -585,6 +876,16 @@ def headline(name: str, data: dict) -> str:
             d, v = data["result"]["derived"], data["result"]["video"]
             return (f"M={v['M']} n={v['n']}: TTFT {d['ttft_selected_ms']:.0f} vs {d['ttft_all_ms']:.0f} ms "
                     f"(x{d['ttft_ratio_selected_over_all']:.3f}); vit {data['result']['implementations']['vit_attention']}")  # fmt: skip
+        if name == "proportional":
+            models = data["models"]
+            label = "7B" if models.get("7B", {}).get("status") == "ok" else next(iter(models))
+            rec = models[label]
+            quotients = [c["measured_over_real"] for c in rec["contexts"] if c["status"] == "ok"]
+            removed = rec["selection_removes"]
+            seconds = "/".join(f"{r['removed_s']:.2f}" for r in removed)
+            minutes = "/".join(f"{r['minutes']:g}" for r in removed)
+            return (f"{label} time/FLOP ratio x{min(quotients):.2f}..x{max(quotients):.2f}; selection "
+                    f"removes {seconds} s of prefill at {minutes} min")  # fmt: skip
     return ""
 
 
@@ -611,11 +912,19 @@ def target_lines(steps: dict) -> list[tuple[str, str, str]]:
                       f"{pipe['ttft_ratio']:.3f}", verdict(pipe["ttft_ratio_pass"])))  # fmt: skip
     else:
         lines.append(("TTFT target (7B, 10 min)", "-", "n/a: " + pipe.get("reason", "step did not run")))
+    prop = steps.get("proportional", {}).get("targets", {})
+    label = f"7B LM/ViT time ratio = FLOP ratio ±{100 * PROPORTIONAL_TOLERANCE:g} %"
+    if prop.get("checked"):
+        lines.append((label, f"x{prop['measured_over_real_min']:.2f}..{prop['measured_over_real_max']:.2f}",
+                      verdict(prop["within_tolerance"])))  # fmt: skip
+    else:
+        lines.append((label, "-", "n/a: " + prop.get("reason", "step did not run")))
     return lines
 
 
 def plot(steps: dict, path: Path) -> str | None:
-    """suite.png: gate vs M, ViT attention implementations, pipeline TTFT; None when nothing to draw."""
+    """suite.png: gate vs M, ViT attention implementations, pipeline TTFT, LM/ViT time vs FLOP ratio;
+    None when nothing to draw."""
     try:
         import matplotlib
 
@@ -623,7 +932,7 @@ def plot(steps: dict, path: Path) -> str | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return "matplotlib is not installed"
-    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
+    fig, axes = plt.subplots(1, 4, figsize=(22, 4.8))
     gate, vit, pipe = (steps.get(k, {}) for k in ("score_topk", "vit_attention", "pipeline"))
     ax = axes[0]
     if gate.get("status") == "ok":
@@ -678,6 +987,28 @@ def plot(steps: dict, path: Path) -> str | None:
         ax.legend(fontsize=7)
     else:
         ax.set_title("pipeline: " + pipe.get("status", "not run"))
+    ax, prop = axes[3], steps.get("proportional", {})
+    drawn = False
+    for label, rec in prop.get("models", {}).items():
+        rows = sorted({c["tokens"]: c for c in rec.get("contexts", []) if c["status"] == "ok"}.values(),
+                      key=lambda c: c["tokens"])  # fmt: skip
+        if rows:
+            tokens = [c["tokens"] for c in rows]
+            line = ax.plot(tokens, [c["measured_ratio"] for c in rows], "-o", label=f"{label} measured")[0]
+            ax.plot(
+                tokens,
+                [c["real_flop_ratio"] for c in rows],
+                "--",
+                color=line.get_color(),
+                label=f"{label} FLOPs",
+            )
+            drawn = True
+    if drawn:
+        ax.set(xscale="log", xlabel="prompt tokens S", ylabel="LM per token / ViT per merged token",
+               title=f"LM/ViT cost ratio ({prop.get('dtype', '')}, {prop.get('device', '')})")  # fmt: skip
+        ax.legend(fontsize=7)
+    else:
+        ax.set_title("proportional: " + prop.get("status", "not run"))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -700,6 +1031,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wheels", type=Path, default=WHEELS, help="folder of carried wheels")
     parser.add_argument("--site", type=Path, default=SITE, help="where the wheels are installed")
     parser.add_argument("--run-step", choices=STEPS, help=argparse.SUPPRESS)
+    parser.add_argument("--step-timeout-s", type=float, help=argparse.SUPPRESS)  # the child's time box
     args = parser.parse_args(argv)
 
     if args.device is None:
@@ -735,7 +1067,6 @@ def main(argv: list[str] | None = None) -> int:
                 "status": "skipped",
                 "reason": f"suite budget of {budget:.0f} s spent",
             }
-            write_json(args.out / f"{name}.json", results[name])
             continue
         results[name] = run_child(name, args, env, min(TIME_BOX[name][args.quick], left))
 
@@ -763,7 +1094,11 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         summary["plot"] = problem
     summary["wall_s"] = time.perf_counter() - clock
+    # every step's record, folded in: a device call brings back at most MAX_FILES files
+    summary["results"] = {k: v for k, v in results.items() if k != "setup"}
     write_json(args.out / "suite.json", summary)
+    for name in summary["results"]:
+        (args.out / f"{name}.json").unlink(missing_ok=True)
     files = sorted(p.name for p in args.out.iterdir())
     print(f"\nGPU suite on {summary['machine'].get('gpu') or args.device}{' (quick)' if args.quick else ''}, "
           f"{summary['wall_s']:.0f} s, {len(files)} files in {args.out}")  # fmt: skip

@@ -172,22 +172,36 @@ def video_grid(minutes: float) -> tuple[int, int, int]:
     return frames // 2, h // 14, w // 14
 
 
-def benchmark_contexts(selector: dict, text_tokens: int | None = None) -> list[dict]:
-    """Per video length: M, n at ρ_min and ρ_max, and the prompt lengths S with and without selection."""
-    from ..sizing import TEXT_TOKENS, video_tokens
+# video_grid(minutes) for MINUTES, for a machine without PyAV / qwen-vl-utils (which the sizing rule
+# imports): the GPU suite's bare image. tests/unit/test_proportional.py checks they agree.
+GRIDS_720P = {1: (30, 20, 36), 5: (150, 20, 36), 10: (300, 20, 36)}
 
-    text = TEXT_TOKENS if text_tokens is None else text_tokens
+
+def benchmark_contexts(
+    selector: dict, text_tokens: int | None = None, grids: dict[float, tuple[int, int, int]] | None = None
+) -> list[dict]:
+    """Per video length: M, n at ρ_min and ρ_max, and the prompt lengths S with and without selection.
+
+    ``grids`` (minutes -> (T/2, H/14, W/14)) and ``text_tokens`` replace :func:`video_grid` and
+    :data:`qtsplus_vllm.sizing.TEXT_TOKENS`; given both, nothing of ``qtsplus_vllm.video`` is imported.
+    """
+    if text_tokens is None:
+        from ..sizing import TEXT_TOKENS
+
+        text_tokens = TEXT_TOKENS
     rows = []
-    for minutes in MINUTES:
-        m = video_tokens(minutes * 60)
-        t, h, w = video_grid(minutes)
-        assert m == t * (h // 2) * (w // 2)
+    for minutes, (t, h, w) in (grids or {m: video_grid(m) for m in MINUTES}).items():
+        m = t * (h // 2) * (w // 2)
+        if grids is None:
+            from ..sizing import video_tokens
+
+            assert m == video_tokens(minutes * 60)
         n = {
             end: min(max(math.ceil(selector[end] * m), 1), selector["nmax"]) for end in ("rho_min", "rho_max")
         }
         rows.append(
             dict(minutes=minutes, grid=[t, h, w], m=m, n_rho_min=n["rho_min"], n_rho_max=n["rho_max"],
-                 s_all=m + text, s_selected=n["rho_max"] + text)
+                 s_all=m + text_tokens, s_selected=n["rho_max"] + text_tokens)
         )  # fmt: skip
     return rows
 

@@ -19,7 +19,7 @@ sys.path[:0] = [str(REPO / "benchmarks"), str(REPO / "scripts")]
 import fetch_gpu_wheels  # noqa: E402
 import gpu_suite  # noqa: E402
 
-RAN = ("kernel_tests", "selector", "score_topk", "vit_attention", "pipeline")
+RAN = ("kernel_tests", "selector", "score_topk", "vit_attention", "pipeline", "proportional")
 
 
 @pytest.fixture(scope="module")
@@ -38,45 +38,100 @@ def dry_run(tmp_path_factory):
     return proc, out
 
 
+def record(out: Path, step: str) -> dict:
+    """A step's full record, as suite.json holds it."""
+    return json.loads((out / "suite.json").read_text())["results"][step]
+
+
 def test_dry_run_runs_every_step_and_writes_at_most_eight_files(dry_run):
     proc, out = dry_run
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     files = sorted(p.name for p in out.iterdir())
     assert len(files) <= gpu_suite.MAX_FILES
-    assert {"suite.json", "suite.png", *(f"{s}.json" for s in gpu_suite.STEPS)} == set(files)
+    assert {"suite.json", "suite.png"} == set(files)  # every step's record is folded into suite.json
     summary = json.loads((out / "suite.json").read_text())
     assert summary["quick"] and summary["machine"]["device"] == "cpu"
+    assert list(summary["results"]) == list(gpu_suite.STEPS)
     for step in RAN:
-        assert summary["steps"][step]["status"] == "ok", (
-            step,
-            json.loads((out / f"{step}.json").read_text()),
-        )
+        assert summary["steps"][step]["status"] == "ok", (step, record(out, step))
     # benchmarks/bench_media.py exists: the media step runs it (a 15-second 640x360 video on the CPU)
-    media = json.loads((out / "media.json").read_text())
+    media = record(out, "media")
     assert summary["steps"]["media"]["status"] == "ok", media
     streaming = media["result"]["paths"]["streaming"]
     assert streaming["status"] == "ok" and streaming["follow_up"]["cache_hit"], streaming
     assert "step" in proc.stdout and "targets:" in proc.stdout and "vit_attention" in proc.stdout
-    assert [c["verdict"].split(":")[0] for c in summary["target_checks"]] == ["n/a", "n/a"]  # no GPU figures
+    assert [c["verdict"].split(":")[0] for c in summary["target_checks"]] == ["n/a"] * 3  # no GPU figures
 
 
 def test_dry_run_step_contents(dry_run):
     _, out = dry_run
-    kernels = json.loads((out / "kernel_tests.json").read_text())
+    kernels = record(out, "kernel_tests")
     assert kernels["counts"]["passed"] >= 1 and kernels["counts"]["failed"] == 0
     assert kernels["cuda_only"]["skipped"] == 4  # the CUDA-only cases a GPU run executes
-    selector = json.loads((out / "selector.json").read_text())
+    selector = record(out, "selector")
     assert [r["agrees"] for r in selector["rows"] if "agrees" in r] == [True]  # Triton (interpreter) == torch
-    gate = json.loads((out / "score_topk.json").read_text())
+    gate = record(out, "score_topk")
     assert gate["result"]["rows"] and gate["targets"]["checked"] is False
-    vit = {r["attention"]: r for r in json.loads((out / "vit_attention.json").read_text())["rows"]}
+    vit = {r["attention"]: r for r in record(out, "vit_attention")["rows"]}
     assert vit["sdpa"]["status"] == vit["sdpa_padded"]["status"] == "ok"
     assert vit["sdpa_padded"]["rel_error"] <= 1e-5 and vit["sdpa"]["auto_choice"]
     assert all(
         vit[k]["status"] == "skipped" and "CUDA" in vit[k]["reason"] for k in ("torch_varlen", "flash_attn")
     )
-    pipeline = json.loads((out / "pipeline.json").read_text())
+    pipeline = record(out, "pipeline")
     assert pipeline["result"]["derived"]["ttft_all_ms"] > 0 and pipeline["targets"]["checked"] is False
+
+
+def test_dry_run_proportional_fields(dry_run):
+    _, out = dry_run
+    prop = record(out, "proportional")
+    assert prop["status"] == "ok" and prop["dtype"] == "float32" and prop["targets"]["checked"] is False
+    assert list(prop["models"]) == ["tiny"] and "measured_ratio" in prop["definition"]
+    rec = prop["models"]["tiny"]
+    assert rec["status"] == "ok" and rec["vit_ms_per_merged_token"] > 0 and rec["vit_attention"] == "sdpa"
+    assert rec["layers_timed"] == rec["layers_total"] == 2 and not rec["scaled_by_layers"]
+    assert rec["kv_bytes_per_token"] == 2 * 2 * 64 * 4  # 2 layers, K and V, 2 KV heads of 32, fp32
+    assert rec["vit_merged_tokens"] == 60 and rec["vit_grid"] == [1, 12, 20]
+    assert [(c["minutes"], c["context"]) for c in rec["contexts"]] == [
+        (m, k) for m in (1, 5, 10) for k in ("selected", "all")
+    ]
+    for c in rec["contexts"]:
+        assert c["status"] == "ok" and c["real_flop_ratio"] > 0 and c["lm_ms"] > 0, c
+        assert c["measured_ratio"] == pytest.approx(c["lm_ms_per_token"] / rec["vit_ms_per_merged_token"])
+        assert c["measured_over_real"] == pytest.approx(c["measured_ratio"] / c["real_flop_ratio"])
+        assert c["kv_bytes"] == c["tokens"] * rec["kv_bytes_per_token"]
+    assert [c["tokens"] for c in rec["contexts"] if c["context"] == "all"] == [76, 316, 616]  # M + 16
+    removes = rec["selection_removes"]
+    assert [r["minutes"] for r in removes] == [1, 5, 10] and all(r["prefill_all_s"] > 0 for r in removes)
+    assert all(r["removed_s"] == pytest.approx(r["prefill_all_s"] - r["prefill_selected_s"]) for r in removes)
+
+
+def test_proportional_skips_prompts_past_the_deadline(tmp_path):
+    """A prompt whose projected time ends past the step's time box is recorded as skipped, not run."""
+    import time
+
+    import torch
+
+    cases, _ = gpu_suite.proportional_cases(quick=True)
+    model, contexts, grid = cases["tiny"]
+    saved = []
+    rec = gpu_suite.measure_proportional(model, contexts, grid, "cpu", torch.float32, (0, 1), None, "sdpa",
+                                         time.monotonic(), saved.append)  # fmt: skip
+    status = [p["status"] for p in rec["prompts"]]
+    assert status[0] == "ok" and set(status[1:]) == {"skipped"}, rec["prompts"]
+    assert "time box" in rec["prompts"][1]["reason"] and saved and rec["selection_removes"] == []
+
+
+def test_proportional_cases_are_the_real_models():
+    from qtsplus_vllm.testing import proportional as prop
+
+    cases, source = gpu_suite.proportional_cases(quick=False)
+    assert list(cases) == ["7B", "3B"] and "benchmark_contexts" in source
+    for label, (model, contexts, grid) in cases.items():
+        assert model is prop.REAL[label] and grid == (30, 20, 36)
+        assert [c["s_all"] for c in contexts] == [5464, 27064, 54064]
+        assert {c["s_selected"] for c in contexts} == {576}
+    assert gpu_suite.vit_spec(prop.REAL["7B"].vit) == gpu_suite.QWEN25_VIT_7B
 
 
 def test_budget_spent_and_timeouts_are_recorded_not_fatal(tmp_path, monkeypatch):
@@ -98,9 +153,9 @@ def test_budget_spent_and_timeouts_are_recorded_not_fatal(tmp_path, monkeypatch)
         gpu_suite.main(["--device", "cpu", "--quick", "--steps", "kernel_tests,media", "--out", str(out)])
         == 1
     )
-    step = json.loads((out / "kernel_tests.json").read_text())
+    step = record(out, "kernel_tests")
     assert step["status"] == "failed" and "timed out" in step["reason"]
-    assert json.loads((out / "media.json").read_text())["status"] == "ok"  # the next step still ran
+    assert record(out, "media")["status"] == "ok"  # the next step still ran
 
 
 def _fake_wheel(folder: Path, name: str = "qtsplusfake", version: str = "0.1") -> Path:

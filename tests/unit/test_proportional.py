@@ -58,6 +58,15 @@ def test_kv_bytes_and_contexts():
     assert {r["s_selected"] for r in rows} == {576}
 
 
+def test_pinned_grids_are_the_sizing_rule():
+    """The GPU suite's bare image has no PyAV / qwen-vl-utils: it passes the pinned grids instead."""
+    from qtsplus_vllm.sizing import TEXT_TOKENS
+
+    assert prop.GRIDS_720P == {minutes: prop.video_grid(minutes) for minutes in prop.MINUTES}
+    pinned = prop.benchmark_contexts(prop.TRAINING_SELECTOR, text_tokens=TEXT_TOKENS, grids=prop.GRIDS_720P)
+    assert pinned == prop.benchmark_contexts(prop.TRAINING_SELECTOR)
+
+
 def test_real_ratios():
     r7 = prop.ratios(prop.REAL["7B"])
     by_context = {(c["minutes"], c["context"]): c["lm_vit_ratio"] for c in r7["contexts"]}
