@@ -21,7 +21,7 @@ import math
 import sys
 from pathlib import Path
 
-SYSTEMS = ("qtsplus", "all-tokens", "stock", "evs")
+SYSTEMS = ("qtsplus", "all-tokens", "stock", "stock-one-step", "evs")
 PROCESS_NAMES = {"vllm": "API server", "VLLM::EngineCore": "engine core", "VLLM::Worker": "worker"}
 
 
