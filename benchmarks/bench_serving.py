@@ -261,8 +261,12 @@ def benchmark(
     request_rate: float,
     max_tokens: int,
     extra_body: dict,
+    mark=None,
 ) -> list[dict]:
-    """Sweep video lengths x concurrencies against one endpoint; one row per (length, concurrency)."""
+    """Sweep video lengths x concurrencies against one endpoint; one row per (length, concurrency).
+
+    ``mark(name)``, when given, is called with ``"timed"`` after the warm-up and ``"done"`` at the end.
+    """
     client = openai.AsyncOpenAI(base_url=base_url, api_key="EMPTY", max_retries=0, timeout=3600)
 
     async def sweep() -> list[dict]:
@@ -279,6 +283,8 @@ def benchmark(
                 pool = iter(urls)
                 warm = [(next(pool), f"{questions[i % len(questions)]} (warm-up {i})") for i in range(warmup)]
                 await run_level(client, name, warm, 1, math.inf, max_tokens, extra_body, progress)
+                if mark is not None:
+                    mark("timed")
                 for concurrency in concurrencies:
                     # a unique (video, question) per request: no cache hit flatters any system
                     jobs = [
@@ -290,6 +296,8 @@ def benchmark(
                         client, name, jobs, concurrency, request_rate, max_tokens, extra_body, progress
                     )
                     rows.append({"video": label, "concurrency": concurrency, **summarize(results, wall)})
+        if mark is not None:
+            mark("done")
         await client.close()
         return rows
 
@@ -398,6 +406,102 @@ def feature_cache_counters(base_url: str) -> dict[str, float]:
         for line in text.splitlines()
         if line.startswith(names)
     }
+
+
+ENGINE_METRICS = {
+    "vllm:num_requests_running": "running",
+    "vllm:num_requests_waiting": "waiting",
+    "vllm:kv_cache_usage_perc": "kv_cache_usage",
+    "vllm:num_preemptions_total": "preemptions",
+    "vllm:generation_tokens_total": "generation_tokens",
+}
+
+
+def parse_engine_metrics(text: str) -> dict[str, float]:
+    """vLLM's scheduler gauges and counters (``ENGINE_METRICS``) from Prometheus text, summed over
+    label sets (engines); names absent from ``text`` are absent from the result."""
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in ENGINE_METRICS:
+            key = ENGINE_METRICS[name]
+            values[key] = values.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
+    return values
+
+
+class MetricsMonitor:
+    """Samples the server's ``/metrics`` every ``interval`` seconds: requests running and waiting,
+    KV-cache usage, preemptions and generated tokens over time (needs vLLM's stat logging on: no
+    ``--disable-log-stats``). ``mark(name)`` records when a phase starts (the timed run)."""
+
+    def __init__(self, base_url: str, interval: float = 1.0):
+        self.url = base_url.rstrip("/").removesuffix("/v1") + "/metrics"
+        self.interval = interval
+        self.trace: list[dict] = []
+        self.marks: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="metrics-monitor", daemon=True)
+        self._lock = threading.Lock()
+        self._t0 = time.perf_counter()
+
+    def __enter__(self) -> MetricsMonitor:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def mark(self, name: str) -> None:
+        """Record the start of phase ``name`` with a sample taken then (exact counter deltas)."""
+        self.marks[name] = round(time.perf_counter() - self._t0, 2)
+        self._sample()
+
+    def _sample(self) -> None:
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(self.url, timeout=10) as response:
+                values = parse_engine_metrics(response.read().decode())
+        except OSError:
+            return
+        if values:
+            with self._lock:
+                self.trace.append({"t": round(time.perf_counter() - self._t0, 2), **values})
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._sample()
+            self._stop.wait(self.interval)
+
+    def summary(self) -> dict:
+        """The trace, and over the timed phase (from ``mark("timed")`` on): most requests running and
+        waiting at once, preemptions, generated tokens per second."""
+        start = self.marks.get("timed", 0.0)
+        end = self.marks.get("done", math.inf)
+        with self._lock:
+            self.trace.sort(key=lambda s: s["t"])
+            timed = [s for s in self.trace if start <= s["t"] <= end + 1.0]
+        out: dict = {"every_s": self.interval, "marks": self.marks, "trace": self.trace}
+        if not timed:
+            return {**out, "samples_in_timed_phase": 0}
+        first, last = timed[0], timed[-1]
+        span = last["t"] - first["t"]
+        out.update(
+            samples_in_timed_phase=len(timed),
+            max_running=max(s.get("running", 0) for s in timed),
+            max_waiting=max(s.get("waiting", 0) for s in timed),
+            max_kv_cache_usage=max(s.get("kv_cache_usage", 0) for s in timed),
+            preemptions=last.get("preemptions", 0) - first.get("preemptions", 0),
+            generation_tokens=last.get("generation_tokens", 0) - first.get("generation_tokens", 0),
+            generation_tokens_per_s=(last.get("generation_tokens", 0) - first.get("generation_tokens", 0))
+            / span
+            if span > 0
+            else math.nan,
+        )
+        return out
 
 
 def follow_up_benchmark(
@@ -512,7 +616,7 @@ def main(argv: list[str] | None = None) -> int:
         extra_body["media_io_kwargs"] = json.loads(args.media_io_kwargs)
     serve_args = shlex.split(args.serve_args)
 
-    def run(base_url: str) -> list[dict]:
+    def run(base_url: str, mark=None) -> list[dict]:
         if args.follow_up:
             return follow_up_benchmark(
                 base_url, args.model, videos, args.question or DEFAULT_QUESTIONS, args.num_requests,
@@ -520,24 +624,31 @@ def main(argv: list[str] | None = None) -> int:
             )  # fmt: skip
         return benchmark(
             base_url, args.model, videos, args.question or DEFAULT_QUESTIONS, concurrencies,
-            args.num_requests, args.warmup, args.request_rate, args.max_tokens, extra_body,
+            args.num_requests, args.warmup, args.request_rate, args.max_tokens, extra_body, mark,
         )  # fmt: skip
 
     if args.serve:
         from qtsplus_vllm.testing.server import RemoteServer
 
         serve_args += ["--allowed-local-media-path", str(args.video_dir.resolve())]
-        with RemoteServer(args.serve, serve_args) as server, ServerMonitor(server.pid) as monitor:
+        with (
+            RemoteServer(args.serve, serve_args) as server,
+            ServerMonitor(server.pid) as monitor,
+            MetricsMonitor(server.base_url) as metrics,
+        ):
             try:
-                rows = run(server.base_url)
+                rows = run(server.base_url, metrics.mark)
             except Exception as err:  # noqa: BLE001 - a server killed for memory is a result, not a crash
                 if not monitor.killed_for_memory:
                     raise
                 rows = [{"error": f"server killed for memory (MemAvailable < 1.5 GiB): {err!r}"}]
         server_processes = monitor.summary()
+        engine_metrics = metrics.summary()
     else:
-        rows = run(args.base_url)
+        with MetricsMonitor(args.base_url) as metrics:
+            rows = run(args.base_url, metrics.mark)
         server_processes = None
+        engine_metrics = metrics.summary()
 
     result = {
         "benchmark": "serving-follow-up" if args.follow_up else "serving",
@@ -545,6 +656,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": shlex.join(["python", "benchmarks/bench_serving.py", *argv]),
         "server": {"model": args.serve, "flags": serve_args} if args.serve else {"base_url": args.base_url},
         "server_processes": server_processes,
+        "engine_metrics": engine_metrics,
         "request": {
             "max_tokens": args.max_tokens,
             "extra_body": extra_body,

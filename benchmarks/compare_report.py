@@ -161,6 +161,53 @@ def plot(runs: dict[str, dict[str, dict]], path: Path) -> None:
     plt.close(fig)
 
 
+def kv_summary(result: dict) -> dict:
+    """The engine's side of one system's run (``engine_metrics`` of bench_serving), or {} without it."""
+    metrics = result.get("engine_metrics") or {}
+    row = result["rows"][0]
+    keys = ("max_running", "max_waiting", "max_kv_cache_usage", "preemptions", "generation_tokens_per_s")
+    return {
+        **{k: metrics[k] for k in keys if k in metrics},
+        "time_to_answer_all_s": row.get("wall_s"),
+        "answered": row["requests"] - row["failed"],
+        "requests": row["requests"],
+    }
+
+
+def plot_running(folder: Path, path: Path) -> Path | None:
+    """Requests running at once (and waiting, dashed) over the timed phase, one colour per system,
+    with each system's output tokens/s and time to answer every request in the legend."""
+    runs = load_run(folder)
+    traced = {s: r for s, r in runs.items() if (r.get("engine_metrics") or {}).get("trace")}
+    if not traced:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4.2))
+    for i, system in enumerate(s for s in SYSTEMS if s in traced):
+        metrics, k = traced[system]["engine_metrics"], kv_summary(traced[system])
+        start = metrics.get("marks", {}).get("timed", 0.0)
+        points = [p for p in metrics["trace"] if p["t"] >= start]
+        times = [(p["t"] - start) / 60 for p in points]
+        colour = f"C{i}"
+        label = (f"{system}: {k['answered']}/{k['requests']} answered in {k['time_to_answer_all_s'] / 60:.1f} min, "
+                 f"{k.get('generation_tokens_per_s', math.nan):.2f} output tok/s, "
+                 f"{k.get('preemptions', 0):.0f} preemptions")  # fmt: skip
+        ax.step(times, [p.get("running", 0) for p in points], where="post", color=colour, label=label)
+        ax.step(times, [p.get("waiting", 0) for p in points], where="post", color=colour, ls="--", alpha=0.5)
+    ax.set(xlabel="minutes since the timed requests were sent", ylabel="requests",
+           title="requests running at once (solid) and waiting (dashed) in vLLM's scheduler")  # fmt: skip
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("folders", nargs="+", type=Path, help="compare_serving.py result folders")

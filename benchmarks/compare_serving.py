@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
 import sys
 import time
@@ -38,6 +39,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_serving  # noqa: E402
+import compare_report  # noqa: E402
 import plot  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -48,7 +50,8 @@ def engine_flags(max_len: int, batched: int | None = None) -> list[str]:
 
     ``batched``: vLLM's ``--max-num-batched-tokens`` (default ``max_len``: a prompt is prefilled in one
     step). The cost-proportional presets' wide MLPs need chunks: a 27k-token step would take ~8 GB
-    of activations.
+    of activations. vLLM's stat logging stays on (no ``--disable-log-stats``): the scheduler's
+    gauges on ``/metrics`` (requests running/waiting, KV usage, preemptions) are sampled.
     """
     return [
         "--enforce-eager",
@@ -58,18 +61,43 @@ def engine_flags(max_len: int, batched: int | None = None) -> list[str]:
         "--max-num-seqs", "32",
         "--no-enable-prefix-caching",
         "--mm-processor-cache-gb", "0",
-        "--disable-log-stats",
     ]  # fmt: skip
+
+
+def kv_cache_flags(
+    model: Path, requests: int, video_seconds: float, max_tokens: int, block_size: int
+) -> dict:
+    """KV-cache blocks for exactly ``requests`` all-token requests of a 720p video of ``video_seconds``.
+
+    tokens per request = M (every ViT token of the video at the plugin's default sampling,
+    ``proportional.video_grid``) + the prompt's other tokens (``text_tokens``) + ``max_tokens``;
+    blocks = requests × ⌈tokens / block_size⌉, given to every system as ``--num-gpu-blocks-override``
+    with the same ``--block-size`` (vLLM applies the override on every platform).
+    """
+    from qtsplus_vllm.testing.proportional import video_grid
+
+    t, h, w = video_grid(video_seconds / 60)
+    m = t * h * w // 4
+    text = text_tokens(model)
+    per_request = m + text + max_tokens
+    blocks = requests * math.ceil(per_request / block_size) + 1  # vLLM keeps one block back (the null block)
+    return {
+        "requests": requests, "video_seconds": video_seconds, "grid": [t, h, w], "m": m, "text_tokens": text,
+        "max_tokens": max_tokens, "tokens_per_request": per_request, "block_size": block_size, "blocks": blocks,
+        "formula": "blocks = requests * ceil((M + text_tokens + max_tokens) / block_size) + 1 (vLLM's null block)",
+        "flags": ["--block-size", str(block_size), "--num-gpu-blocks-override", str(blocks)],
+    }  # fmt: skip
 
 
 def text_tokens(model: Path) -> int:
     """Prompt tokens besides the video placeholders, for a typical benchmark question."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(model))
+    tok = AutoTokenizer.from_pretrained(str(model), trust_remote_code=False)  # never asks on stdin
     question = f"{bench_serving.DEFAULT_QUESTIONS[0]} (request 0)"
     messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
-    return len(tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)) - 1
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return len(tok(text, add_special_tokens=False)["input_ids"]) - 1  # the one <|video_pad|> is M rows
 
 
 def run_system(
@@ -114,6 +142,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-num-batched-tokens", type=int, help="default: --max-model-len (no chunking)")
     p.add_argument("--systems", default=None, help="default: qtsplus,all-tokens,stock (+ evs with CUDA)")
     p.add_argument("--runs", default="lengths,sweep", help="which runs: lengths (concurrency 1), sweep")
+    p.add_argument(
+        "--kv-requests", type=int,
+        help="size every system's KV cache for exactly this many all-token requests of --kv-video-seconds",
+    )  # fmt: skip
+    p.add_argument("--kv-video-seconds", type=float, default=600.0, help="video length for --kv-requests")
+    p.add_argument("--block-size", type=int, default=128, help="KV block size with --kv-requests")
     p.add_argument("--tag", default=time.strftime("compare-%Y%m%d-%H%M%S"))
     args = p.parse_args(argv)
 
@@ -140,6 +174,14 @@ def main(argv: list[str] | None = None) -> int:
         args.systems or "qtsplus,all-tokens,stock" + (",evs" if torch.cuda.is_available() else "")
     ).split(",")
     flags = engine_flags(args.max_model_len, args.max_num_batched_tokens)
+    if args.kv_requests:
+        kv = kv_cache_flags(
+            Path(model), args.kv_requests, args.kv_video_seconds, args.max_tokens, args.block_size
+        )
+        print(f"== KV cache: {kv['blocks']} blocks of {kv['block_size']} ({kv['formula']}, M={kv['m']})")
+        flags += kv["flags"]
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "kv-cache.json").write_text(json.dumps(kv, indent=1) + "\n")
     stock_flags = flags + ["--media-io-kwargs", json.dumps({"video": {"video_backend": "qtsplus_frames"}})]
     video_dir = args.work_dir / "videos"
     runs = {
@@ -177,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         plot.main(
             [*map(str, sorted((out_dir / run).glob("serving-*.json"))), "--out-dir", str(out_dir / run)]
         )
+        compare_report.plot_running(out_dir / run, out_dir / run / "serving-running-over-time.png")
     print(f"results in {out_dir}")
     return 0
 

@@ -1,4 +1,4 @@
-"""benchmarks/compare_report.py: the table, the ratios and the plot from compare_serving results."""
+"""compare_serving tooling: compare_report (table, ratios, plots), the /metrics sampler, KV sizing."""
 
 from __future__ import annotations
 
@@ -63,3 +63,67 @@ def test_table_ratios_and_plot(tmp_path):
     assert out.stat().st_size > 10_000
     text = compare_report.table({"300s": compare_report.load_run(five)})
     assert "| 300s | stock | 0/8 |" in text and "| 300s | qtsplus | 8/8 | 580 |" in text
+
+
+PROMETHEUS = """# HELP vllm:num_requests_running Number of requests in model execution batches.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="m"} 2.0
+vllm:num_requests_waiting{engine="0",model_name="m"} 6.0
+vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.75
+vllm:num_preemptions_total{engine="0",model_name="m"} 3.0
+vllm:generation_tokens_total{engine="0",model_name="m"} 120.0
+vllm:generation_tokens_created{engine="0",model_name="m"} 1.7e9
+vllm:num_requests_running{engine="1",model_name="m"} 1.0
+qtsplus_videos_in_flight 4.0
+"""
+
+
+def test_engine_metrics_parse_and_summarise():
+    import bench_serving
+
+    values = bench_serving.parse_engine_metrics(PROMETHEUS)
+    assert values == {"running": 3.0, "waiting": 6.0, "kv_cache_usage": 0.75, "preemptions": 3.0,
+                      "generation_tokens": 120.0}  # fmt: skip
+    monitor = bench_serving.MetricsMonitor("http://127.0.0.1:9/v1")
+    monitor.marks = {"timed": 10.0, "done": 20.0}
+    monitor.trace = [
+        {"t": 5.0, "running": 8, "waiting": 0, "preemptions": 1, "generation_tokens": 50},  # warm-up: outside
+        {"t": 10.0, "running": 1, "waiting": 7, "preemptions": 1, "generation_tokens": 60},
+        {"t": 15.0, "running": 2, "waiting": 6, "preemptions": 2, "generation_tokens": 80},
+        {"t": 20.5, "running": 0, "waiting": 0, "preemptions": 4, "generation_tokens": 100},
+    ]
+    s = monitor.summary()
+    assert (s["max_running"], s["max_waiting"], s["preemptions"], s["generation_tokens"]) == (2, 7, 3, 40)
+    assert s["generation_tokens_per_s"] == 40 / 10.5
+
+
+def test_kv_cache_blocks_hold_exactly_the_requests(monkeypatch):
+    import compare_serving
+
+    monkeypatch.setattr(compare_serving, "text_tokens", lambda model: 68)
+    kv = compare_serving.kv_cache_flags(Path("unused"), 2, 600.0, 128, 128)
+    # a 10-minute 720p video at 1 fps: 300 temporal slices of 20 x 36 patches -> 54,000 merged tokens
+    assert kv["m"] == 54_000 and kv["tokens_per_request"] == 54_000 + 68 + 128
+    assert kv["blocks"] == 2 * -(-54_196 // 128) + 1
+    assert kv["flags"] == ["--block-size", "128", "--num-gpu-blocks-override", str(kv["blocks"])]
+
+
+def test_running_over_time_plot(tmp_path):
+    with_trace = _result("qtsplus", "600s", 0.01, 100.0)
+    with_trace["rows"][0]["wall_s"] = 600.0
+    with_trace["engine_metrics"] = {
+        "marks": {"timed": 1.0},
+        "preemptions": 0,
+        "generation_tokens_per_s": 1.5,
+        "trace": [{"t": 1.0 + i, "running": min(i, 8), "waiting": max(8 - i, 0)} for i in range(20)],
+    }
+    folder = _write(tmp_path / "kv", with_trace, _result("all-tokens", "600s", 0.002, 400.0))
+    out = compare_report.plot_running(folder, tmp_path / "running.png")
+    assert out is not None and out.stat().st_size > 10_000
+    assert compare_report.kv_summary(with_trace)["generation_tokens_per_s"] == 1.5
+    assert (
+        compare_report.plot_running(
+            _write(tmp_path / "none", _result("stock", "60s", 1, 1)), tmp_path / "x.png"
+        )
+        is None
+    )
