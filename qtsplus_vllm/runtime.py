@@ -55,6 +55,7 @@ from .streaming import (
     PreparedFrames,
     chunk_frames_for,
     chunk_geometry,
+    decoder_scale,
     frame_chunks,
     iter_vision_inputs,
     prepare_frames,
@@ -409,7 +410,7 @@ class SelectionRuntime:
             if plan.limits is not None:  # a plan redone from the decoded count is checked again
                 t, h, w, _ = video.shape
                 plan.limits.check_vit_patches(vit_patch_count(t, h, w, preprocess))
-            stream = video.chunks(chunk, timings)
+            stream = video.chunks(chunk, timings, decoder_scale(video.shape, preprocess))
             try:
                 return self._encode_chunks(stream, video.shape, preprocess, timings, video.plan.cancel)
             except FrameCountMismatch:  # the stream held another frame count: video.plan is redone
@@ -521,6 +522,7 @@ class LoaderFeatures:
 
     def matches(self, video: LazyVideo, config: PreprocessConfig) -> bool:
         return self.settings == astuple(config) and self.plan_key == video.plan.key()
+
 
 _LOADER_PREPROCESS: PreprocessConfig | None = None
 _IN_FLIGHT = 0  # videos our loader returned that are still alive (loading, queued or being encoded)
@@ -653,7 +655,7 @@ def loader_preprocess(request_kwargs=None) -> PreprocessConfig:
             return _REQUEST_PREPROCESS(request_kwargs)
         except (ValueError, TypeError):
             pass
-    return _LOADER_PREPROCESS or PreprocessConfig()
+    return _LOADER_PREPROCESS or PreprocessConfig(resize=settings().resize)
 
 
 def loaded_runtime() -> SelectionRuntime | None:
