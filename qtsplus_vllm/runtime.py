@@ -69,8 +69,10 @@ logger = logging.getLogger(__name__)
 
 
 def cpu_threads() -> int:
-    """Torch threads for CPU selection work: ``QTSPLUS_CPU_THREADS`` or every core."""
-    return settings().cpu_threads or os.cpu_count() or 1
+    """Torch threads for CPU selection work: ``QTSPLUS_CPU_THREADS`` or every core this process may use
+    (its CPU affinity, as FFmpeg's decoder threads count them; ``os.cpu_count()`` counts the machine's)."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return settings().cpu_threads or usable or 1
 
 
 def feature_cache_settings() -> tuple[int | None, torch.device | None, int | None]:

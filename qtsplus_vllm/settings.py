@@ -305,7 +305,7 @@ class Settings(BaseSettings):
         "cuda:0 when CUDA is available, else cpu",
     )
     cpu_threads: _typed(Integer(), int | None) = _setting(
-        None, "runtime", "torch threads of the selection runtime on the CPU", "every core"
+        None, "runtime", "torch threads of the selection runtime on the CPU", "every core the process may use"
     )
     feature_cache_bytes: _typed(Bytes(0), int | None) = _setting(
         None,
