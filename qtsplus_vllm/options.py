@@ -21,6 +21,9 @@ min_pixels          per-frame pixel floor for resizing         integer 28*28 .. 
 
 n = min(max(ceil(rho' * M), 1), nmax, qtsplus_max_tokens) with
 rho' = clamp(rho * qtsplus_rho_scale, qtsplus_rho_min, qtsplus_rho_max).
+
+The resize mode (``QTSPLUS_RESIZE``: exact or fast) is a server setting, not a key: it rides in the
+options (and so in the cache key) because it changes the ViT's input pixels.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
+from .settings import settings
 from .video import PreprocessConfig
 
 _MIN_FRAME_PIXELS = 28 * 28
@@ -54,9 +58,10 @@ class SelectionOptions:
     max_tokens: int | None = None
     max_pixels: int = PreprocessConfig.max_pixels
     min_pixels: int = PreprocessConfig.min_pixels
+    resize: str = PreprocessConfig.resize  # QTSPLUS_RESIZE, filled in by parse_options
 
     def preprocess_config(self) -> PreprocessConfig:
-        return PreprocessConfig(max_pixels=self.max_pixels, min_pixels=self.min_pixels)
+        return PreprocessConfig(max_pixels=self.max_pixels, min_pixels=self.min_pixels, resize=self.resize)
 
     def cache_key(self) -> tuple:
         """A canonical, hashable form (vLLM hashes it with the video and the question)."""
@@ -117,7 +122,7 @@ def parse_options(kwargs: Mapping[str, object], ignore: frozenset[str] = frozens
     if "max_pixels" in values and "min_pixels" not in values:
         # a small max_pixels alone lowers the floor with it instead of contradicting the default floor
         values["min_pixels"] = min(SelectionOptions.min_pixels, values["max_pixels"])
-    options = SelectionOptions(**values)
+    options = SelectionOptions(**values, resize=settings().resize)
     if options.rho_min > options.rho_max:
         raise OptionError("qtsplus_rho_min", f"{options.rho_min} is above qtsplus_rho_max={options.rho_max}")
     if options.min_pixels > options.max_pixels:

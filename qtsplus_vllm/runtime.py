@@ -55,6 +55,7 @@ from .streaming import (
     PreparedFrames,
     chunk_frames_for,
     chunk_geometry,
+    decoder_scale,
     frame_chunks,
     iter_vision_inputs,
     prepare_frames,
@@ -68,8 +69,10 @@ logger = logging.getLogger(__name__)
 
 
 def cpu_threads() -> int:
-    """Torch threads for CPU selection work: ``QTSPLUS_CPU_THREADS`` or every core."""
-    return settings().cpu_threads or os.cpu_count() or 1
+    """Torch threads for CPU selection work: ``QTSPLUS_CPU_THREADS`` or every core this process may use
+    (its CPU affinity, as FFmpeg's decoder threads count them; ``os.cpu_count()`` counts the machine's)."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return settings().cpu_threads or usable or 1
 
 
 def feature_cache_settings() -> tuple[int | None, torch.device | None, int | None]:
@@ -409,7 +412,7 @@ class SelectionRuntime:
             if plan.limits is not None:  # a plan redone from the decoded count is checked again
                 t, h, w, _ = video.shape
                 plan.limits.check_vit_patches(vit_patch_count(t, h, w, preprocess))
-            stream = video.chunks(chunk, timings)
+            stream = video.chunks(chunk, timings, decoder_scale(video.shape, preprocess))
             try:
                 return self._encode_chunks(stream, video.shape, preprocess, timings, video.plan.cancel)
             except FrameCountMismatch:  # the stream held another frame count: video.plan is redone
@@ -521,6 +524,7 @@ class LoaderFeatures:
 
     def matches(self, video: LazyVideo, config: PreprocessConfig) -> bool:
         return self.settings == astuple(config) and self.plan_key == video.plan.key()
+
 
 _LOADER_PREPROCESS: PreprocessConfig | None = None
 _IN_FLIGHT = 0  # videos our loader returned that are still alive (loading, queued or being encoded)
@@ -653,7 +657,7 @@ def loader_preprocess(request_kwargs=None) -> PreprocessConfig:
             return _REQUEST_PREPROCESS(request_kwargs)
         except (ValueError, TypeError):
             pass
-    return _LOADER_PREPROCESS or PreprocessConfig()
+    return _LOADER_PREPROCESS or PreprocessConfig(resize=settings().resize)
 
 
 def loaded_runtime() -> SelectionRuntime | None:

@@ -37,6 +37,8 @@ MiB = 1 << 20
 MIN_KEPT_FRAMES = 2  # a video is at least one temporal patch (qwen-vl-utils' FRAME_FACTOR)
 # QTSPLUS_VIT_ATTENTION's names; qtsplus_vllm.vision.ATTENTION_CHOICES (a test keeps them equal)
 VIT_ATTENTION_CHOICES = ("auto", "vllm_flash_attn", "flash_attn", "torch_varlen", "sdpa_padded", "sdpa")
+# QTSPLUS_RESIZE's names; qtsplus_vllm.video.RESIZE_MODES (a test keeps them equal)
+RESIZE_CHOICES = ("exact", "fast")
 _DEVICE = re.compile(r"cpu|cuda(?::\d+)?")
 
 # the groups of the reference page, in its order: (title, the page that explains them)
@@ -303,7 +305,7 @@ class Settings(BaseSettings):
         "cuda:0 when CUDA is available, else cpu",
     )
     cpu_threads: _typed(Integer(), int | None) = _setting(
-        None, "runtime", "torch threads of the selection runtime on the CPU", "every core"
+        None, "runtime", "torch threads of the selection runtime on the CPU", "every core the process may use"
     )
     feature_cache_bytes: _typed(Bytes(0), int | None) = _setting(
         None,
@@ -348,6 +350,13 @@ class Settings(BaseSettings):
     )
     vit_attention: _typed(Choice(VIT_ATTENTION_CHOICES), str) = _setting(
         "auto", "runtime", "the ViT's attention kernel; auto picks the fastest exact one that runs"
+    )
+    resize: _typed(Choice(RESIZE_CHOICES), Literal["exact", "fast"]) = _setting(
+        "exact",
+        "runtime",
+        "how sampled frames are scaled to the ViT's size: exact = full-size RGB, then the reference's "
+        "bicubic (bit-exact); fast = FFmpeg's scaler inside the decoder's RGB conversion (faster, pixels "
+        "differ slightly)",
     )
 
     # serving

@@ -36,6 +36,7 @@ from .video import (
     iter_sampled_frames,
     patchify,
     resize_frames_uint8,
+    scale_frames_fast,
     target_size,
 )
 
@@ -190,9 +191,17 @@ class LazyVideo:
                     self._cursor = None
                     raise self._fail(err) from None
 
-    def chunks(self, chunk_frames: int, timings: dict[str, float] | None = None) -> Iterator[np.ndarray]:
+    def chunks(
+        self,
+        chunk_frames: int,
+        timings: dict[str, float] | None = None,
+        scale_to: tuple[int, int] | None = None,
+    ) -> Iterator[np.ndarray]:
         """The sampled frames as uint8 [c, H, W, 3] chunks of ``chunk_frames`` (the last may be shorter),
         decoded on a background thread that runs ahead by at most :data:`QUEUE_CHUNKS` chunks.
+
+        ``scale_to`` (h, w): the decoder scales the frames to that size as it converts them to RGB
+        (the fast resize mode: :func:`decoder_scale`), so the chunks are [c, h, w, 3].
 
         ``timings["decode_ms"]`` accumulates the decoder's own time (waiting on a full queue excluded),
         ``timings["decode_wait_ms"]`` the consumer's time waiting for frames. Raises
@@ -218,10 +227,12 @@ class LazyVideo:
 
         def produce() -> None:
             t, h, w, c = self.shape
+            if scale_to is not None:
+                h, w = scale_to
             buffer, filled = None, 0
             clock = time.perf_counter()
             try:
-                for frame in iter_sampled_frames(self.data, self.plan):
+                for frame in iter_sampled_frames(self.data, self.plan, scale_to):
                     if stop.is_set():
                         raise _Stop
                     if buffer is None:
@@ -281,6 +292,12 @@ def chunk_geometry(shape: tuple[int, ...], config: PreprocessConfig) -> tuple[in
     return padded, size, tokens
 
 
+def decoder_scale(shape: tuple[int, ...], config: PreprocessConfig) -> tuple[int, int] | None:
+    """The size (h, w) the decoder scales a video of ``shape`` [T, H, W, 3] to: its target size in the
+    fast resize mode (``config.resize == "fast"``), else None (full-size frames, resized exactly)."""
+    return chunk_geometry(shape, config)[1] if config.resize == "fast" else None
+
+
 def iter_resized(
     chunks: Iterator[np.ndarray],
     shape: tuple[int, ...],
@@ -294,7 +311,9 @@ def iter_resized(
     Each chunk goes to ``device`` as uint8 and is resized there to qwen-vl-utils' size for the whole
     video's T (:func:`~qtsplus_vllm.video.resize_frames_uint8`, :data:`RESIZE_BATCH` frames at a
     time); an odd video gets its last frame repeated. ``timings["preprocess_ms"]`` accumulates the
-    time spent here.
+    time spent here. In the fast resize mode (``config.resize == "fast"``) chunks may already be at
+    the target size (scaled by the decoder: :func:`decoder_scale`) and pass through; chunks at the
+    video's size are scaled by FFmpeg's scaler (:func:`~qtsplus_vllm.video.scale_frames_fast`).
     """
     timings = timings if timings is not None else {}
     timings.setdefault("preprocess_ms", 0.0)
@@ -302,26 +321,34 @@ def iter_resized(
     num_frames = shape[0]
     _, size, _ = chunk_geometry(shape, config)
     batch = resize_batch_for(shape[1], shape[2])
+    fast = config.resize == "fast"
+    scaled = (*size, 3)  # the frames of a chunk the decoder already scaled (fast mode)
+    frame_shapes = {tuple(shape[1:]), scaled} if fast else {tuple(shape[1:])}
     seen = 0
     for chunk in chunks:
         clock = time.perf_counter()
         x = torch.as_tensor(chunk)
-        if x.ndim != 4 or tuple(x.shape[1:]) != tuple(shape[1:]) or x.dtype != torch.uint8:
+        if x.ndim != 4 or tuple(x.shape[1:]) not in frame_shapes or x.dtype != torch.uint8:
             raise ValueError(
                 f"a chunk of frames {x.dtype} {list(x.shape)} does not belong to a video {list(shape)}"
             )
+        if fast and tuple(x.shape[1:]) != scaled:  # frames that arrived decoded: FFmpeg's scaler, CPU
+            x = torch.from_numpy(scale_frames_fast(x.numpy(), size))
         seen += x.shape[0]
         if x.shape[0] % FRAME_FACTOR:
             if seen != num_frames:
                 raise ValueError(f"a chunk of {x.shape[0]} frames: only the last chunk may be odd")
             x = torch.cat([x, x[-1:].expand(FRAME_FACTOR - x.shape[0] % FRAME_FACTOR, -1, -1, -1)])
         x = x.to(device=device, non_blocking=True).permute(0, 3, 1, 2)  # [c, 3, H, W] uint8
-        # RESIZE_BATCH frames at a time; the channels-last view as decoded (the exact resize reads it
-        # without a copy; torchvision's fallback makes each batch contiguous)
-        parts = [resize_frames_uint8(x[i : i + batch], size) for i in range(0, x.shape[0], batch)]
+        if fast:  # already at the target size
+            resized = x
+        else:
+            # RESIZE_BATCH frames at a time; the channels-last view as decoded (the exact resize reads
+            # it without a copy; torchvision's fallback makes each batch contiguous)
+            parts = [resize_frames_uint8(x[i : i + batch], size) for i in range(0, x.shape[0], batch)]
+            resized = torch.cat(parts) if len(parts) > 1 else parts[0]
+            del parts
         del x
-        resized = torch.cat(parts) if len(parts) > 1 else parts[0]
-        del parts
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         timings["preprocess_ms"] += (time.perf_counter() - clock) * 1e3
@@ -426,7 +453,7 @@ def prepare_frames(
         shape = video.shape
         padded, (h, w), _ = chunk_geometry(shape, config)
         out = torch.empty((padded, 3, h, w), dtype=torch.uint8)
-        stream = video.chunks(prepare_chunk_frames(*shape[1:3]), timings)
+        stream = video.chunks(prepare_chunk_frames(*shape[1:3]), timings, decoder_scale(shape, config))
         row = 0
         try:
             for resized in iter_resized(stream, shape, config, device, timings):

@@ -5,7 +5,10 @@ The pipeline of DESIGN §2.1, in three verbs:
 1. :func:`decode_video` — PyAV decodes the file; the frames to keep are chosen with qwen-vl-utils'
    ``smart_nframes`` (fps, min/max frames, even count) at ``linspace(0, total - 1, n).round()``.
 2. :func:`resize_frames` — qwen-vl-utils' ``smart_resize`` (factor 28) with its video pixel bounds,
-   bicubic with antialiasing, on any torch device.
+   bicubic with antialiasing, on any torch device. With ``PreprocessConfig(resize="fast")``
+   (``QTSPLUS_RESIZE=fast``) FFmpeg's scaler does it instead, inside the decoder's RGB conversion
+   (:data:`FAST_INTERPOLATION`; :func:`scale_frames_fast` for frames that arrive decoded): same
+   sizes, pixels close to but not equal to the reference's.
 3. :func:`patchify` — CLIP normalisation and the Qwen2.5-VL patch layout: ``pixel_values``
    [N, C·2·14·14] and ``grid_thw`` [1, 3] with N = T/2 · H/14 · W/14. The ViT merges 2×2 patches,
    so the number of visual tokens is M = T/2 · H/28 · W/28.
@@ -33,10 +36,25 @@ from torchvision.transforms import functional as tvf
 from . import exact_resize
 from .cancel import CancelToken
 from .limits import Limits
+from .settings import RESIZE_CHOICES
 
 _FFMPEG_ERROR = av.FFmpegError  # bound here: a generator closed at interpreter exit still finds it
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+RESIZE_MODES = RESIZE_CHOICES  # exact: the reference's bicubic; fast: FFmpeg's scaler
+
+
+def _fast_interpolation():
+    """swscale's bicubic with full chroma interpolation: of swscale's filters the closest to the
+    reference's float bicubic on decoded yuv420p (benchmarks/bench_resize_mode.py measures them);
+    PyAV releases without the option flags get plain bicubic."""
+    flags = av.video.reformatter.Interpolation
+    if hasattr(flags, "FULL_CHR_H_INT") and hasattr(flags, "FULL_CHR_H_INP"):
+        return flags.BICUBIC | flags.FULL_CHR_H_INT | flags.FULL_CHR_H_INP
+    return "BICUBIC"
+
+
+FAST_INTERPOLATION = _fast_interpolation()
 
 
 class VideoDecodeError(ValueError):
@@ -66,7 +84,8 @@ class PreprocessConfig:
     """Resizing bounds and the Qwen2.5-VL patch geometry.
 
     ``min_pixels`` / ``total_pixels`` default to qwen-vl-utils' video defaults; ``max_pixels`` to
-    the reference demo's 360×420.
+    the reference demo's 360×420. ``resize``: ``"exact"`` (the reference's bicubic, bit-exact) or
+    ``"fast"`` (FFmpeg's scaler while decoding; same sizes, other pixel values).
     """
 
     max_pixels: int = 360 * 420
@@ -77,12 +96,15 @@ class PreprocessConfig:
     merge_size: int = 2
     image_mean: tuple[float, float, float] = CLIP_MEAN
     image_std: tuple[float, float, float] = CLIP_STD
+    resize: str = "exact"
 
     def __post_init__(self):
         if self.max_pixels < 1 or self.min_pixels < 1:
             raise ValueError(
                 f"pixel bounds must be positive, got min={self.min_pixels}, max={self.max_pixels}"
             )
+        if self.resize not in RESIZE_MODES:
+            raise ValueError(f"resize must be one of {', '.join(RESIZE_MODES)}, got {self.resize!r}")
 
     @property
     def factor(self) -> int:
@@ -235,8 +257,12 @@ def _iter_sampled(
     claimed: int | None = None,
     count: list[int] | None = None,
     cancel: CancelToken | None = None,
+    interpolation=None,
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Decode the stream once, yielding (index, RGB array at ``size``) for the wanted indices in order.
+
+    A frame of another size is scaled to ``size`` as it is converted to RGB, with ``interpolation``
+    (default: the area filter of ``decode_max_pixels``).
 
     Decoding goes on to the end of the stream (the frame count is checked against the plan); the
     number of frames decoded is left in ``count[0]``. With ``limits``, decoding stops as soon as the
@@ -262,7 +288,9 @@ def _iter_sampled(
             if (frame.width, frame.height) == size:
                 array = frame.to_ndarray(format="rgb24")
             else:
-                array = frame.to_ndarray(format="rgb24", width=width, height=height, interpolation="AREA")
+                array = frame.to_ndarray(
+                    format="rgb24", width=width, height=height, interpolation=interpolation or "AREA"
+                )
             with meter.paused() if meter is not None else contextlib.nullcontext():
                 yield index, array  # the consumer's time with the frame is not the decoder's
     if count is not None:
@@ -497,10 +525,14 @@ class FrameCountMismatch(Exception):
         self.decoded = decoded
 
 
-def iter_sampled_frames(source, plan: VideoPlan) -> Iterator[np.ndarray]:
+def iter_sampled_frames(
+    source, plan: VideoPlan, scale_to: tuple[int, int] | None = None
+) -> Iterator[np.ndarray]:
     """Decode ``source`` once and yield the plan's frames in order, uint8 RGB [H, W, 3] at the decode size.
 
-    Frames are converted exactly as :func:`decode_video` converts them. Raises
+    Frames are converted exactly as :func:`decode_video` converts them; with ``scale_to`` (height,
+    width), FFmpeg's scaler brings them to that size instead as it converts them to RGB
+    (:data:`FAST_INTERPOLATION`: the fast resize mode, no full-size RGB frame is made). Raises
     :class:`FrameCountMismatch` at the end when the stream holds another number of frames than
     ``plan.total_frames`` (the caller redoes the plan: :meth:`VideoPlan.resampled`),
     :class:`VideoDecodeError` for a stream that cannot be decoded, and ``LimitExceeded`` when it
@@ -517,9 +549,18 @@ def iter_sampled_frames(source, plan: VideoPlan) -> Iterator[np.ndarray]:
     with container:
         stream, _, _ = _video_stream(container)
         count = [0]
-        size = (plan.decode_width, plan.decode_height)
+        size = (plan.decode_width, plan.decode_height) if scale_to is None else scale_to[::-1]
+        interpolation = None if scale_to is None else FAST_INTERPOLATION
         frames = _iter_sampled(
-            container, stream, sorted(positions), size, plan.limits, plan.claimed_frames, count, plan.cancel
+            container,
+            stream,
+            sorted(positions),
+            size,
+            plan.limits,
+            plan.claimed_frames,
+            count,
+            plan.cancel,
+            interpolation,
         )
         try:
             for index, array in frames:
@@ -591,6 +632,20 @@ def resize_frames_uint8(frames: torch.Tensor, size: tuple[int, int]) -> torch.Te
     )
 
 
+def scale_frames_fast(frames: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """uint8 RGB [T, H, W, 3] -> [T, h, w, 3] with FFmpeg's scaler (:data:`FAST_INTERPOLATION`): the
+    fast resize mode for frames that arrive decoded (images, frame lists). A video's frames are
+    scaled inside the decoder instead (:func:`iter_sampled_frames` ``scale_to``)."""
+    h, w = size
+    if frames.shape[1:3] == (h, w):
+        return frames
+    out = np.empty((frames.shape[0], h, w, 3), dtype=np.uint8)
+    for i, frame in enumerate(frames):
+        rgb = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+        out[i] = rgb.to_ndarray(format="rgb24", width=w, height=h, interpolation=FAST_INTERPOLATION)
+    return out
+
+
 def resize_frames(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """[T, 3, H, W] uint8 -> [T, 3, h, w] float32 with integer values (:func:`resize_frames_uint8`)."""
     return resize_frames_uint8(frames, size).float()
@@ -634,8 +689,12 @@ def preprocess_frames(
         x = torch.cat([x, x[-1:].expand(_FRAME_FACTOR - x.shape[0] % _FRAME_FACTOR, -1, -1, -1)])
     t, h, w, _ = x.shape
     size = target_size(h, w, t, config)
-    x = x.to(device=device, non_blocking=True).permute(0, 3, 1, 2)  # [T, 3, H, W]
-    x = resize_frames(x, size)
+    if config.resize == "fast":  # FFmpeg's scaler, on the CPU
+        x = torch.from_numpy(scale_frames_fast(x.cpu().numpy(), size))
+        x = x.to(device=device, non_blocking=True).permute(0, 3, 1, 2).float()
+    else:
+        x = x.to(device=device, non_blocking=True).permute(0, 3, 1, 2)  # [T, 3, H, W]
+        x = resize_frames(x, size)
     mean = torch.tensor(config.image_mean, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(config.image_std, device=x.device).view(1, 3, 1, 1)
     x = (x / 255.0 - mean) / std

@@ -283,7 +283,7 @@ def test_errors_met_while_decoding_in_the_loader_are_the_requests(loader, monkey
 
     data = make_video_bytes(40, (64, 48), 10.0, seed=9)
 
-    def broken(source, plan):
+    def broken(source, plan, scale_to=None):
         yield np.zeros(plan.decode_shape[1:], np.uint8)
         raise VideoDecodeError("cannot decode the video (Invalid data found when processing input)")
 

@@ -264,7 +264,7 @@ def test_decoding_errors_in_the_processor_are_400s(runtime, videos, monkeypatch)
     video = _as_frames(encoded)
     assert isinstance(video, LazyVideo) and video.shape == encoded.plan.decode_shape
 
-    def broken(source, plan):
+    def broken(source, plan, scale_to=None):
         yield np.zeros(plan.decode_shape[1:], np.uint8)
         raise VideoDecodeError("cannot decode the video (Invalid data found when processing input)")
 
