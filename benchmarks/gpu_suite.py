@@ -756,7 +756,15 @@ def run_step(args) -> int:
 # ----------------------------------------------------------------------------- parent side
 
 
-def missing_modules(names=("av", "qwen_vl_utils")) -> list[str]:
+# the pinned wheels (benchmarks/gpu_wheels.json) -> the module each one provides
+WHEEL_MODULES = {
+    "av": "av", "qwen_vl_utils": "qwen_vl_utils", "pydantic": "pydantic", "pydantic_core": "pydantic_core",
+    "pydantic_settings": "pydantic_settings", "annotated_types": "annotated_types",
+    "typing_inspection": "typing_inspection", "python_dotenv": "dotenv", "typing_extensions": "typing_extensions",
+}  # fmt: skip
+
+
+def missing_modules(names=tuple(WHEEL_MODULES.values())) -> list[str]:
     from importlib.util import find_spec
 
     return [n for n in names if find_spec(n) is None]
@@ -769,7 +777,7 @@ def setup(args, env: dict) -> dict:
     record = {"step": "setup", "missing_before": missing, "wheels": []}
     wheels = sorted(args.wheels.glob("*.whl")) if args.wheels.is_dir() else []
     if not missing:
-        record.update(status="ok", note="nothing to install: PyAV and qwen-vl-utils import here")
+        record.update(status="ok", note="nothing to install: every carried package imports here")
     elif not wheels:
         record.update(status="skipped", reason=f"{missing} missing and no wheels in {args.wheels} "
                       "(run scripts/fetch_gpu_wheels.py here and carry benchmarks/wheels)")  # fmt: skip

@@ -196,7 +196,8 @@ def test_suite_imports_need_only_the_image_and_the_pinned_wheels():
     """vLLM, blake3 and flash-attn are not on the GPU image: nothing the suite runs may import them."""
     manifest = fetch_gpu_wheels.load_manifest()
     pinned = {w["filename"].split("-")[0].lower() for w in manifest["wheels"]}
-    assert pinned == {"av", "qwen_vl_utils"} == set(gpu_suite.missing_modules.__defaults__[0])
+    assert pinned == set(gpu_suite.WHEEL_MODULES)
+    assert set(gpu_suite.missing_modules.__defaults__[0]) == set(gpu_suite.WHEEL_MODULES.values())
     code = (
         "import sys\n"
         "for name in ('vllm', 'blake3', 'flash_attn'): sys.modules[name] = None\n"
