@@ -181,14 +181,20 @@ def summarize(results: list[RequestResult], wall_s: float) -> dict:
     }
 
 
+VIDEO_STYLES = ("render", "texture", "smooth", "screen")
+LONG_STYLES = ("texture", "smooth", "screen")  # a clip per seed, repeated by remuxing
+
+
 def generate_videos(
     directory: Path, seconds: float, count: int, fps: float, size: tuple[int, int], style: str = "render"
 ) -> list[Path]:
     """``count`` distinct mp4 files of ``seconds`` each (different seeds), reused when present.
 
-    ``render``: every frame rendered and encoded (small test clips). ``texture``: real-size content,
-    a 10-second texture clip per seed repeated by remuxing (seconds to make even for hour-long HD;
-    the server still decodes every frame)."""
+    ``render``: every frame rendered and encoded (small test clips). ``texture``, ``smooth``,
+    ``screen``: real-size content, a 10-second clip per seed repeated by remuxing (seconds to make
+    even for hour-long HD; the server still decodes every frame). ``texture`` is camera-like (every
+    pixel moves); ``smooth`` and ``screen`` are ``bench_media.py``'s content kinds of those names
+    (gradients and one moving block; text, scrolling, a cursor), encoded as it encodes them."""
     from qtsplus_vllm.testing.videos import make_long_video, make_video
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -197,8 +203,8 @@ def generate_videos(
     for seed in range(count):
         path = directory / f"{style}-{seconds:g}s-{fps:g}fps-{size[0]}x{size[1]}-{seed}.mp4"
         if not path.exists():
-            if style == "texture":
-                make_long_video(path, seconds, size=size, fps=round(fps), seed=seed)
+            if style in LONG_STYLES:
+                make_long_video(path, seconds, size=size, fps=round(fps), seed=seed, content=style)
             else:
                 make_video(path, frames=frames, size=size, fps=fps, seed=seed)
         paths.append(path)
@@ -563,8 +569,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--video-fps", type=float, default=4.0)
     p.add_argument("--video-size", default="160x120", help="WIDTHxHEIGHT of generated videos")
     p.add_argument(
-        "--video-style", choices=("render", "texture"), default="render",
-        help="generated content: render (every frame drawn; test clips) or texture (real-size, fast to make)",
+        "--video-style", choices=VIDEO_STYLES, default="render",
+        help="generated content: render (every frame drawn; test clips), or real-size and fast to make: "
+        "texture (camera-like), smooth (gradients, one moving block), screen (a screen recording)",
     )  # fmt: skip
     p.add_argument("--video-dir", type=Path, default=Path("/tmp/qtsplus-bench-videos"))
     p.add_argument("--question", action="append", default=[], help="question text (repeatable)")

@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-requests", type=int, default=8)
     p.add_argument("--video-size", default="160x120", help="WIDTHxHEIGHT of the generated videos")
     p.add_argument("--video-fps", default="4")
-    p.add_argument("--video-style", choices=("render", "texture"), default="render")
+    p.add_argument("--video-style", choices=bench_serving.VIDEO_STYLES, default="render")
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--max-model-len", type=int, default=20000)
     p.add_argument("--max-num-batched-tokens", type=int, help="default: --max-model-len (no chunking)")
