@@ -510,6 +510,18 @@ class MetricsMonitor:
         return out
 
 
+KV_CACHE_LOG = ("KV cache size", "num_gpu_blocks", "Maximum concurrency", "for KV cache")
+
+
+def kv_cache_log_lines(log: Path | None) -> list[str]:
+    """The server log's lines about the KV cache it allocated (vLLM's "KV cache size: N tokens",
+    "Overriding num_gpu_blocks=...", the CPU worker's "GiB for KV cache"); [] without a log."""
+    if log is None or not log.exists():
+        return []
+    with open(log, errors="replace") as f:
+        return [line.strip()[-300:] for line in f if any(key in line for key in KV_CACHE_LOG)][:20]
+
+
 def follow_up_benchmark(
     base_url: str,
     model: str | None,
@@ -592,6 +604,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--mm-processor-kwargs", default="", help="JSON sent with every request")
     p.add_argument("--media-io-kwargs", default="", help="JSON sent with every request")
     p.add_argument("--out", type=Path)
+    p.add_argument(
+        "--server-log", type=Path,
+        help="with --serve: keep the server's log here (its KV-cache lines also go into the result)",
+    )  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -638,8 +654,12 @@ def main(argv: list[str] | None = None) -> int:
         from qtsplus_vllm.testing.server import RemoteServer
 
         serve_args += ["--allowed-local-media-path", str(args.video_dir.resolve())]
+        server_log = args.server_log
+        if server_log is not None:
+            server_log.parent.mkdir(parents=True, exist_ok=True)
+            server_log.unlink(missing_ok=True)  # RemoteServer appends
         with (
-            RemoteServer(args.serve, serve_args) as server,
+            RemoteServer(args.serve, serve_args, log_path=server_log) as server,
             ServerMonitor(server.pid) as monitor,
             MetricsMonitor(server.base_url) as metrics,
         ):
@@ -661,7 +681,11 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "serving-follow-up" if args.follow_up else "serving",
         "system": args.system,
         "command": shlex.join(["python", "benchmarks/bench_serving.py", *argv]),
-        "server": {"model": args.serve, "flags": serve_args} if args.serve else {"base_url": args.base_url},
+        "server": (
+            {"model": args.serve, "flags": serve_args, "kv_cache_log": kv_cache_log_lines(args.server_log)}
+            if args.serve
+            else {"base_url": args.base_url}
+        ),
         "server_processes": server_processes,
         "engine_metrics": engine_metrics,
         "request": {
