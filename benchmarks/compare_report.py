@@ -204,16 +204,19 @@ def plot_running(folder: Path, path: Path) -> Path | None:
         colours.append(colour)
     ax.set(xlabel="minutes since the timed requests were sent", ylabel="requests",
            title="requests running at once (solid) and waiting (dashed) in vLLM's scheduler")  # fmt: skip
+    ax.yaxis.get_major_locator().set_params(integer=True)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ys = range(len(names))
     bars.barh(ys, walls, color=colours)
     for y, wall, rate in zip(ys, walls, rates, strict=True):
-        bars.text(wall if wall == wall else 0, y, f" {wall:.1f} min\n {rate:.2f} output tok/s",
-                  va="center", fontsize=8)  # fmt: skip
+        shown = f"{wall:.1f} min" if wall >= 2 else f"{wall * 60:.1f} s"
+        bars.text(
+            wall if wall == wall else 0, y, f" {shown}\n {rate:.2f} output tok/s", va="center", fontsize=8
+        )
     bars.set_yticks(list(ys), names)
     bars.invert_yaxis()
-    bars.set_xlim(0, max([w for w in walls if w == w] or [1]) * 1.6)
+    bars.set_xlim(0, max([w for w in walls if w == w] or [1]) * 2.2)
     bars.set(xlabel="minutes", title="time to answer all timed requests")
     bars.grid(alpha=0.3, axis="x")
     fig.tight_layout()
