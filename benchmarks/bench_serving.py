@@ -181,14 +181,20 @@ def summarize(results: list[RequestResult], wall_s: float) -> dict:
     }
 
 
+VIDEO_STYLES = ("render", "texture", "smooth", "screen")
+LONG_STYLES = ("texture", "smooth", "screen")  # a clip per seed, repeated by remuxing
+
+
 def generate_videos(
     directory: Path, seconds: float, count: int, fps: float, size: tuple[int, int], style: str = "render"
 ) -> list[Path]:
     """``count`` distinct mp4 files of ``seconds`` each (different seeds), reused when present.
 
-    ``render``: every frame rendered and encoded (small test clips). ``texture``: real-size content,
-    a 10-second texture clip per seed repeated by remuxing (seconds to make even for hour-long HD;
-    the server still decodes every frame)."""
+    ``render``: every frame rendered and encoded (small test clips). ``texture``, ``smooth``,
+    ``screen``: real-size content, a 10-second clip per seed repeated by remuxing (seconds to make
+    even for hour-long HD; the server still decodes every frame). ``texture`` is camera-like (every
+    pixel moves); ``smooth`` and ``screen`` are ``bench_media.py``'s content kinds of those names
+    (gradients and one moving block; text, scrolling, a cursor), encoded as it encodes them."""
     from qtsplus_vllm.testing.videos import make_long_video, make_video
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -197,8 +203,8 @@ def generate_videos(
     for seed in range(count):
         path = directory / f"{style}-{seconds:g}s-{fps:g}fps-{size[0]}x{size[1]}-{seed}.mp4"
         if not path.exists():
-            if style == "texture":
-                make_long_video(path, seconds, size=size, fps=round(fps), seed=seed)
+            if style in LONG_STYLES:
+                make_long_video(path, seconds, size=size, fps=round(fps), seed=seed, content=style)
             else:
                 make_video(path, frames=frames, size=size, fps=fps, seed=seed)
         paths.append(path)
@@ -504,6 +510,18 @@ class MetricsMonitor:
         return out
 
 
+KV_CACHE_LOG = ("KV cache size", "num_gpu_blocks", "Maximum concurrency", "for KV cache")
+
+
+def kv_cache_log_lines(log: Path | None) -> list[str]:
+    """The server log's lines about the KV cache it allocated (vLLM's "KV cache size: N tokens",
+    "Overriding num_gpu_blocks=...", the CPU worker's "GiB for KV cache"); [] without a log."""
+    if log is None or not log.exists():
+        return []
+    with open(log, errors="replace") as f:
+        return [line.strip()[-300:] for line in f if any(key in line for key in KV_CACHE_LOG)][:20]
+
+
 def follow_up_benchmark(
     base_url: str,
     model: str | None,
@@ -563,8 +581,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--video-fps", type=float, default=4.0)
     p.add_argument("--video-size", default="160x120", help="WIDTHxHEIGHT of generated videos")
     p.add_argument(
-        "--video-style", choices=("render", "texture"), default="render",
-        help="generated content: render (every frame drawn; test clips) or texture (real-size, fast to make)",
+        "--video-style", choices=VIDEO_STYLES, default="render",
+        help="generated content: render (every frame drawn; test clips), or real-size and fast to make: "
+        "texture (camera-like), smooth (gradients, one moving block), screen (a screen recording)",
     )  # fmt: skip
     p.add_argument("--video-dir", type=Path, default=Path("/tmp/qtsplus-bench-videos"))
     p.add_argument("--question", action="append", default=[], help="question text (repeatable)")
@@ -585,6 +604,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--mm-processor-kwargs", default="", help="JSON sent with every request")
     p.add_argument("--media-io-kwargs", default="", help="JSON sent with every request")
     p.add_argument("--out", type=Path)
+    p.add_argument(
+        "--server-log", type=Path,
+        help="with --serve: keep the server's log here (its KV-cache lines also go into the result)",
+    )  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -631,8 +654,12 @@ def main(argv: list[str] | None = None) -> int:
         from qtsplus_vllm.testing.server import RemoteServer
 
         serve_args += ["--allowed-local-media-path", str(args.video_dir.resolve())]
+        server_log = args.server_log
+        if server_log is not None:
+            server_log.parent.mkdir(parents=True, exist_ok=True)
+            server_log.unlink(missing_ok=True)  # RemoteServer appends
         with (
-            RemoteServer(args.serve, serve_args) as server,
+            RemoteServer(args.serve, serve_args, log_path=server_log) as server,
             ServerMonitor(server.pid) as monitor,
             MetricsMonitor(server.base_url) as metrics,
         ):
@@ -654,7 +681,11 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "serving-follow-up" if args.follow_up else "serving",
         "system": args.system,
         "command": shlex.join(["python", "benchmarks/bench_serving.py", *argv]),
-        "server": {"model": args.serve, "flags": serve_args} if args.serve else {"base_url": args.base_url},
+        "server": (
+            {"model": args.serve, "flags": serve_args, "kv_cache_log": kv_cache_log_lines(args.server_log)}
+            if args.serve
+            else {"base_url": args.base_url}
+        ),
         "server_processes": server_processes,
         "engine_metrics": engine_metrics,
         "request": {

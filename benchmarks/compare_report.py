@@ -175,8 +175,8 @@ def kv_summary(result: dict) -> dict:
 
 
 def plot_running(folder: Path, path: Path) -> Path | None:
-    """Requests running at once (and waiting, dashed) over the timed phase, one colour per system,
-    with each system's output tokens/s and time to answer every request in the legend."""
+    """Left: requests running at once (and waiting, dashed) over the timed phase, one colour per
+    system. Right: each system's time to answer every timed request and its output tokens/s."""
     runs = load_run(folder)
     traced = {s: r for s, r in runs.items() if (r.get("engine_metrics") or {}).get("trace")}
     if not traced:
@@ -186,22 +186,39 @@ def plot_running(folder: Path, path: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 4.2))
+    fig, (ax, bars) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [2.6, 1]})
+    names, walls, rates, colours = [], [], [], []
     for i, system in enumerate(s for s in SYSTEMS if s in traced):
         metrics, k = traced[system]["engine_metrics"], kv_summary(traced[system])
         start = metrics.get("marks", {}).get("timed", 0.0)
         points = [p for p in metrics["trace"] if p["t"] >= start]
         times = [(p["t"] - start) / 60 for p in points]
         colour = f"C{i}"
-        label = (f"{system}: {k['answered']}/{k['requests']} answered in {k['time_to_answer_all_s'] / 60:.1f} min, "
-                 f"{k.get('generation_tokens_per_s', math.nan):.2f} output tok/s, "
-                 f"{k.get('preemptions', 0):.0f} preemptions")  # fmt: skip
+        label = (f"{system}: {k['answered']}/{k['requests']} answered, at most {k.get('max_running', 0):.0f} "
+                 f"running, {k.get('preemptions', 0):.0f} preemptions")  # fmt: skip
         ax.step(times, [p.get("running", 0) for p in points], where="post", color=colour, label=label)
         ax.step(times, [p.get("waiting", 0) for p in points], where="post", color=colour, ls="--", alpha=0.5)
+        names.append(system)
+        walls.append((k["time_to_answer_all_s"] or math.nan) / 60)
+        rates.append(k.get("generation_tokens_per_s", math.nan))
+        colours.append(colour)
     ax.set(xlabel="minutes since the timed requests were sent", ylabel="requests",
            title="requests running at once (solid) and waiting (dashed) in vLLM's scheduler")  # fmt: skip
+    ax.yaxis.get_major_locator().set_params(integer=True)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    ys = range(len(names))
+    bars.barh(ys, walls, color=colours)
+    for y, wall, rate in zip(ys, walls, rates, strict=True):
+        shown = f"{wall:.1f} min" if wall >= 2 else f"{wall * 60:.1f} s"
+        bars.text(
+            wall if wall == wall else 0, y, f" {shown}\n {rate:.2f} output tok/s", va="center", fontsize=8
+        )
+    bars.set_yticks(list(ys), names)
+    bars.invert_yaxis()
+    bars.set_xlim(0, max([w for w in walls if w == w] or [1]) * 2.2)
+    bars.set(xlabel="minutes", title="time to answer all timed requests")
+    bars.grid(alpha=0.3, axis="x")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -65,36 +65,48 @@ def engine_flags(max_len: int, batched: int | None = None) -> list[str]:
 
 
 def kv_cache_flags(
-    model: Path, requests: int, video_seconds: float, max_tokens: int, block_size: int
+    model: Path,
+    requests: int,
+    video_seconds: float,
+    max_tokens: int,
+    block_size: int,
+    size: tuple[int, int] = (1280, 720),
+    fps: float = 30.0,
+    requests_per_level: int = 100,
 ) -> dict:
-    """KV-cache blocks for exactly ``requests`` all-token requests of a 720p video of ``video_seconds``.
+    """KV-cache blocks for exactly ``requests`` all-token requests of a ``size`` video of ``video_seconds``
+    at ``fps`` (the generated videos' size and frame rate).
 
     tokens per request = M (every ViT token of the video at the plugin's default sampling,
-    ``proportional.video_grid``) + the prompt's other tokens (``text_tokens``) + ``max_tokens``;
-    blocks = requests × ⌈tokens / block_size⌉, given to every system as ``--num-gpu-blocks-override``
-    with the same ``--block-size`` (vLLM applies the override on every platform).
+    ``qtsplus_vllm.sizing.video_tokens``) + the prompt's other tokens (``text_tokens``, for the
+    longest benchmark question with the largest request number) + ``max_tokens``;
+    blocks = requests × ⌈tokens / block_size⌉ + 1, given to every system as
+    ``--num-gpu-blocks-override`` with the same ``--block-size`` (vLLM applies the override on every
+    platform, the CPU one included; it keeps one block back as its null block).
     """
-    from qtsplus_vllm.testing.proportional import video_grid
+    from qtsplus_vllm.sizing import video_tokens
 
-    t, h, w = video_grid(video_seconds / 60)
-    m = t * h * w // 4
-    text = text_tokens(model)
+    m = video_tokens(video_seconds, size[0], size[1], source_fps=fps)
+    text = max(
+        text_tokens(model, f"{q} (request {requests_per_level - 1})") for q in bench_serving.DEFAULT_QUESTIONS
+    )
     per_request = m + text + max_tokens
     blocks = requests * math.ceil(per_request / block_size) + 1  # vLLM keeps one block back (the null block)
     return {
-        "requests": requests, "video_seconds": video_seconds, "grid": [t, h, w], "m": m, "text_tokens": text,
-        "max_tokens": max_tokens, "tokens_per_request": per_request, "block_size": block_size, "blocks": blocks,
+        "requests": requests, "video_seconds": video_seconds, "video_size": list(size), "video_fps": fps,
+        "m": m, "text_tokens": text, "max_tokens": max_tokens, "tokens_per_request": per_request,
+        "block_size": block_size, "blocks": blocks, "usable_tokens": (blocks - 1) * block_size,
         "formula": "blocks = requests * ceil((M + text_tokens + max_tokens) / block_size) + 1 (vLLM's null block)",
         "flags": ["--block-size", str(block_size), "--num-gpu-blocks-override", str(blocks)],
     }  # fmt: skip
 
 
-def text_tokens(model: Path) -> int:
-    """Prompt tokens besides the video placeholders, for a typical benchmark question."""
+def text_tokens(model: Path, question: str | None = None) -> int:
+    """Prompt tokens besides the video placeholders, for ``question`` (default: a typical benchmark one)."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(model), trust_remote_code=False)  # never asks on stdin
-    question = f"{bench_serving.DEFAULT_QUESTIONS[0]} (request 0)"
+    question = question or f"{bench_serving.DEFAULT_QUESTIONS[0]} (request 0)"
     messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
     text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return len(tok(text, add_special_tokens=False)["input_ids"]) - 1  # the one <|video_pad|> is M rows
@@ -113,6 +125,8 @@ def run_system(
         shlex.join(flags),
         "--out",
         str(out),
+        "--server-log",
+        str(out_dir / f"server-{system}.log"),
         *common,
     ]
     if mm_kwargs:
@@ -136,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-requests", type=int, default=8)
     p.add_argument("--video-size", default="160x120", help="WIDTHxHEIGHT of the generated videos")
     p.add_argument("--video-fps", default="4")
-    p.add_argument("--video-style", choices=("render", "texture"), default="render")
+    p.add_argument("--video-style", choices=bench_serving.VIDEO_STYLES, default="render")
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--max-model-len", type=int, default=20000)
     p.add_argument("--max-num-batched-tokens", type=int, help="default: --max-model-len (no chunking)")
@@ -146,7 +160,10 @@ def main(argv: list[str] | None = None) -> int:
         "--kv-requests", type=int,
         help="size every system's KV cache for exactly this many all-token requests of --kv-video-seconds",
     )  # fmt: skip
-    p.add_argument("--kv-video-seconds", type=float, default=600.0, help="video length for --kv-requests")
+    p.add_argument(
+        "--kv-video-seconds", type=float, default=600.0,
+        help="video length for --kv-requests (at --video-size and --video-fps)",
+    )  # fmt: skip
     p.add_argument("--block-size", type=int, default=128, help="KV block size with --kv-requests")
     p.add_argument("--tag", default=time.strftime("compare-%Y%m%d-%H%M%S"))
     args = p.parse_args(argv)
@@ -175,10 +192,19 @@ def main(argv: list[str] | None = None) -> int:
     ).split(",")
     flags = engine_flags(args.max_model_len, args.max_num_batched_tokens)
     if args.kv_requests:
+        width, height = (int(v) for v in args.video_size.split("x"))
+        per_level = max([args.num_requests, *(int(c) for c in args.concurrency.split(","))])
         kv = kv_cache_flags(
-            Path(model), args.kv_requests, args.kv_video_seconds, args.max_tokens, args.block_size
-        )
-        print(f"== KV cache: {kv['blocks']} blocks of {kv['block_size']} ({kv['formula']}, M={kv['m']})")
+            Path(model), args.kv_requests, args.kv_video_seconds, args.max_tokens, args.block_size,
+            (width, height), float(args.video_fps), per_level,
+        )  # fmt: skip
+        print(f"== KV cache: {kv['blocks']} blocks of {kv['block_size']} ({kv['formula']}, M={kv['m']}, "
+              f"{kv['tokens_per_request']} tokens per request)")  # fmt: skip
+        if args.max_model_len > kv["usable_tokens"]:
+            raise SystemExit(
+                f"--max-model-len {args.max_model_len} exceeds the KV cache of {kv['usable_tokens']} tokens: "
+                "vLLM refuses to start; lower --max-model-len or raise --kv-requests"
+            )
         flags += kv["flags"]
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "kv-cache.json").write_text(json.dumps(kv, indent=1) + "\n")

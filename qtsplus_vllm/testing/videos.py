@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import os
 from pathlib import Path
 
@@ -35,6 +36,84 @@ def render_frames(frames: int, size: tuple[int, int], seed: int = 0) -> np.ndarr
             frame[y0 : y0 + side, x0 : x0 + side] = colours[k]
         out[t] = frame
     return out
+
+
+def texture_frames(count: int, size: tuple[int, int], seed: int = 0):
+    """A smooth random texture panning slowly, a slow hue drift and three squares moving across it
+    (every frame differs everywhere; compresses like camera content at about 1 Mbit/s for 720p and is
+    the most expensive of the kinds to decode)."""
+    import torch
+
+    width, height = size
+    rng = np.random.default_rng(seed)
+    coarse = torch.from_numpy(rng.uniform(0, 255, size=(1, 3, height // 20 + 2, width // 20 + 2)))
+    smooth = torch.nn.functional.interpolate(coarse, size=(2 * height, 2 * width), mode="bicubic")
+    texture = smooth[0].permute(1, 2, 0).clamp(0, 255).to(torch.uint8).numpy().copy()
+    side = max(8, min(width, height) // 6)
+    colours = rng.integers(0, 256, size=(3, 3), dtype=np.uint8)
+    speeds = rng.uniform(1.0, 6.0, size=(3, 2))
+    for t in range(count):
+        dx, dy = int(t * 1.5) % width, int(t * 0.7) % height
+        frame = texture[dy : dy + height, dx : dx + width].copy()
+        frame[..., 0] += np.uint8(int(30 * (1 + math.sin(2 * math.pi * t / 1800))))
+        for k in range(3):
+            x0 = int(speeds[k, 0] * t) % max(width - side, 1)
+            y0 = int(speeds[k, 1] * t) % max(height - side, 1)
+            frame[y0 : y0 + side, x0 : x0 + side] = colours[k]
+        yield frame
+
+
+def smooth_frames(count: int, size: tuple[int, int], seed: int = 0):
+    """Low motion, cheap to decode (lectures, dashcams at night, surveillance): a static two-axis colour
+    gradient whose brightness drifts slowly, and one block moving across it."""
+    width, height = size
+    rng = np.random.default_rng(seed)
+    ys = np.linspace(0.0, 1.0, height, dtype=np.float32)[:, None]
+    xs = np.linspace(0.0, 1.0, width, dtype=np.float32)[None, :]
+    base = np.stack([40 + 150 * xs + 0 * ys, 60 + 120 * ys + 0 * xs, 200 - 100 * xs * ys], axis=-1)
+    side = max(8, min(width, height) // 8)
+    colour = rng.integers(0, 256, size=3, dtype=np.uint8)
+    shades: dict[int, np.ndarray] = {}  # the brightness drifts in steps of 0.5 %: one image per step
+    for t in range(count):
+        step = round(20 * math.sin(2 * math.pi * t / 3600))
+        if step not in shades:
+            shades[step] = np.clip(base * (1.0 + step / 200), 0, 255).astype(np.uint8)
+        frame = shades[step].copy()
+        x0 = int(2 * t) % max(width - side, 1)
+        y0 = (height - side) // 2
+        frame[y0 : y0 + side, x0 : x0 + side] = colour
+        yield frame
+
+
+def screen_frames(count: int, size: tuple[int, int], seed: int = 0):
+    """A screen recording: a white page of dark text-like runs on a grey window bar, scrolled by a few
+    lines every 4 s, a blinking cursor and a pointer moving now and then; most frames repeat the last
+    one almost exactly."""
+    width, height = size
+    rng = np.random.default_rng(seed)
+    line, margin = max(6, height // 40), max(4, width // 30)
+    page_lines = 4 * (height // line)
+    page = np.full((page_lines * line, width, 3), 250, dtype=np.uint8)
+    for row in range(page_lines):
+        x = margin
+        while x < width - margin:
+            word = int(rng.integers(line, 6 * line))
+            if x + word > width - margin or rng.random() < 0.08:
+                break
+            page[row * line + 2 : row * line + line - 2, x : x + word] = rng.integers(10, 80)
+            x += word + line // 2
+    bar = max(8, height // 24)
+    pointer = max(4, height // 60)
+    for t in range(count):
+        scroll = (t // 120) * 3 * line % (page.shape[0] - height)
+        frame = page[scroll : scroll + height].copy()
+        frame[:bar] = (60, 64, 72)
+        if (t // 15) % 2 == 0:  # the cursor blinks twice a second at 30 fps
+            frame[bar + line : bar + 2 * line - 2, margin - 3 : margin - 1] = 0
+        px = margin + (t // 45) * 37 % max(width - 2 * margin, 1)
+        py = bar + (t // 45) * 23 % max(height - bar - pointer, 1)
+        frame[py : py + pointer, px : px + pointer] = (200, 30, 30)
+        yield frame
 
 
 def make_video(
@@ -147,6 +226,35 @@ def repeat_clip(clip: str | os.PathLike, path: str | os.PathLike, seconds: float
     return path
 
 
+CONTENT_KINDS = {"texture": texture_frames, "smooth": smooth_frames, "screen": screen_frames}
+"""The media benchmark's content kinds (``benchmarks/bench_media.py --content``), by name."""
+
+
+def write_content_clip(
+    path: str | os.PathLike,
+    content: str,
+    seconds: int = 10,
+    size: tuple[int, int] = (1280, 720),
+    fps: int = 30,
+    seed: int = 0,
+) -> Path:
+    """``seconds`` of a content kind (:data:`CONTENT_KINDS`) encoded the way ``bench_media.py`` encodes
+    its videos (x264 ``veryfast``, CRF 23, a keyframe every 2 s): the first ``seconds × fps`` frames
+    of the media benchmark's video of that kind and seed."""
+    width, height = size
+    path = Path(path)
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.codec_context.options = {"crf": "23", "preset": "veryfast", "g": str(2 * fps)}
+        for array in CONTENT_KINDS[content](seconds * fps, size, seed):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
 def make_long_video(
     path: str | os.PathLike,
     seconds: float,
@@ -154,13 +262,23 @@ def make_long_video(
     fps: int = 30,
     seed: int = 0,
     clip_seconds: int = 10,
+    content: str = "texture",
 ) -> Path:
-    """A distinct real-size video of about ``seconds``: a ``clip_seconds`` texture clip (own seed)
-    repeated by remuxing. Its bytes differ per seed, so no cache answers one video for another."""
+    """A distinct real-size video of about ``seconds``: a ``clip_seconds`` clip (own seed) repeated by
+    remuxing. Its bytes differ per seed, so no cache answers one video for another.
+
+    ``content``: ``texture`` (:func:`write_texture_clip`), or ``smooth`` / ``screen``, the media
+    benchmark's kinds (:func:`write_content_clip`). The content repeats every ``clip_seconds``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     clip = path.with_name(path.stem + ".clip.mp4")
-    write_texture_clip(clip, min(clip_seconds, max(1, round(seconds))), size, fps, seed)
+    clip_s = min(clip_seconds, max(1, round(seconds)))
+    if content == "texture":
+        write_texture_clip(clip, clip_s, size, fps, seed)
+    elif content in CONTENT_KINDS:
+        write_content_clip(clip, content, clip_s, size, fps, seed)
+    else:
+        raise ValueError(f"content must be texture, smooth or screen, got {content!r}")
     try:
         return repeat_clip(clip, path, seconds)
     finally:

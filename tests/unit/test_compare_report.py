@@ -100,12 +100,44 @@ def test_engine_metrics_parse_and_summarise():
 def test_kv_cache_blocks_hold_exactly_the_requests(monkeypatch):
     import compare_serving
 
-    monkeypatch.setattr(compare_serving, "text_tokens", lambda model: 68)
-    kv = compare_serving.kv_cache_flags(Path("unused"), 2, 600.0, 128, 128)
-    # a 10-minute 720p video at 1 fps: 300 temporal slices of 20 x 36 patches -> 54,000 merged tokens
-    assert kv["m"] == 54_000 and kv["tokens_per_request"] == 54_000 + 68 + 128
-    assert kv["blocks"] == 2 * -(-54_196 // 128) + 1
+    asked = []
+
+    def text_tokens(model, question=None):
+        asked.append(question)
+        return 60 + len(question) // 10  # the longest question counts
+
+    monkeypatch.setattr(compare_serving, "text_tokens", text_tokens)
+    kv = compare_serving.kv_cache_flags(Path("unused"), 2, 600.0, 128, 128, requests_per_level=8)
+    # a 10-minute 720p30 video at 1 fps: 300 temporal slices of 20 x 36 patches -> 54,000 merged tokens
+    longest = max(60 + len(q) // 10 for q in asked)
+    assert all(q.endswith("(request 7)") for q in asked) and len(asked) == 4
+    assert kv["m"] == 54_000 and kv["text_tokens"] == longest
+    assert kv["tokens_per_request"] == 54_000 + longest + 128
+    assert kv["blocks"] == 2 * -(-(54_128 + longest) // 128) + 1
+    assert kv["usable_tokens"] == (kv["blocks"] - 1) * 128 >= 2 * kv["tokens_per_request"]
     assert kv["flags"] == ["--block-size", "128", "--num-gpu-blocks-override", str(kv["blocks"])]
+    # the generated videos' size and frame rate decide M: 8 s of 320x240 at 4 fps keeps 8 frames
+    from qtsplus_vllm.sizing import video_tokens
+
+    small = compare_serving.kv_cache_flags(Path("unused"), 3, 8.0, 8, 32, size=(320, 240), fps=4.0)
+    assert small["m"] == video_tokens(8.0, 320, 240, source_fps=4.0) == 4 * (small["m"] // 4)
+    assert small["blocks"] == 3 * -(-(small["m"] + small["text_tokens"] + 8) // 32) + 1
+
+
+def test_kv_cache_lines_are_read_from_the_server_log(tmp_path):
+    import bench_serving
+
+    log = tmp_path / "server.log"
+    log.write_text(
+        "INFO starting\n"
+        "INFO [kv_cache_utils.py:2620] Overriding num_gpu_blocks=16383 with num_gpu_blocks_override=19\n"
+        "INFO [kv_cache_utils.py:2328] CPU KV cache size: 2,304 tokens, Maximum concurrency for 1,024 "
+        "tokens per request: 2.25x\n"
+        "INFO GET /metrics 200\n"
+    )
+    lines = bench_serving.kv_cache_log_lines(log)
+    assert len(lines) == 2 and "num_gpu_blocks_override=19" in lines[0] and "2,304 tokens" in lines[1]
+    assert bench_serving.kv_cache_log_lines(None) == [] == bench_serving.kv_cache_log_lines(tmp_path / "x")
 
 
 def test_running_over_time_plot(tmp_path):
