@@ -14,6 +14,7 @@ times candidate kv_norm forms against the current one and reports how far their 
 Writes ``gate_profile.json`` (and the profiler tables as text inside it) to ``--out``.
 """
 
+# ruff: noqa: B023 - each timing lambda is called at once, inside the iteration that made it
 from __future__ import annotations
 
 import argparse
@@ -184,7 +185,9 @@ def main(argv: list[str] | None = None) -> int:
                     case["profiler_by_cuda_time"] = ka.table(sort_by="cuda_time_total", row_limit=25)
                     case["profiler_by_cpu_time"] = ka.table(sort_by="cpu_time_total", row_limit=15)
             record["cases"].append(case)
-            print(f"{model} M={m}: select {st['select']:.2f} ms (host wall {case['select_host_wall_ms']:.2f})")
+            print(
+                f"{model} M={m}: select {st['select']:.2f} ms (host wall {case['select_host_wall_ms']:.2f})"
+            )
             for k, v in st.items():
                 print(f"    {k:26s} {v:8.3f} ms")
             for k, v in case["kv_norm_candidates"].items():

@@ -285,3 +285,13 @@ def test_wheel_folder_must_be_git_ignored(tmp_path, capsys):
     assert fetch_gpu_wheels.main(args) == 1
     assert any("not git-ignored" in p for p in json.loads(capsys.readouterr().out)["problems"])
     assert fetch_gpu_wheels.is_ignored(REPO / "benchmarks" / "wheels", REPO)
+
+
+def test_replot_draws_a_saved_h200_run_again(tmp_path):
+    """--replot renders suite.png from a committed suite.json (TTFT stages keep one colour each)."""
+    saved = REPO / "benchmarks" / "results" / "gpu-h200" / "suite-full-ba1eb1f.json"
+    copy = tmp_path / "suite.json"
+    copy.write_text(saved.read_text())
+    assert gpu_suite.main(["--replot", str(copy)]) == 0
+    png = tmp_path / "suite.png"
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
