@@ -13,6 +13,9 @@ ViT-feature cache) behind the processor's limits. So M, n and the kept tokens ar
 request with the same inputs gets, and a bad input gets the chat endpoint's status and message
 (raised here, answered by vLLM's exception handlers in its error shape).
 
+A client that disconnects cancels the request (vLLM's ``with_cancellation``) and with it the
+video's decoding and ViT, as for a chat request (``serving.cancellation``).
+
 Token geometry: M = t · gh · gw tokens after the 2×2 merger, time-major then row then column;
 temporal step k (one ViT temporal patch) covers sampled frames 2k and 2k+1.
 
@@ -32,11 +35,12 @@ from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, Response
 from PIL import Image
 from pydantic import BaseModel, model_validator
 
 from ..runtime import VideoSelection, get_runtime
+from .cancellation import request_scope
 from .compat import build_chat_params
 from .processor import _as_frames, _report, _select, load_runtime, selection_inputs
 
@@ -254,13 +258,17 @@ class SelectionInspector:
         return tokenizer.decode(question_ids), selection
 
     async def inspect(self, body: SelectionRequest) -> SelectionResponse:
+        """The endpoint's answer. Cancelled (the client went away: :func:`cancellable`), the request's
+        video work stops as a chat request's does: one cancel token for all its videos, checked per frame."""
         started = time.perf_counter()
-        prompt_ids, frames, metadata = await self._render(body)
-        render_ms = (time.perf_counter() - started) * 1e3
+        async with request_scope() as token:
+            token.mm_processor_kwargs = body.mm_processor_kwargs or None  # the loader prepares at these
+            prompt_ids, frames, metadata = await self._render(body)
+            render_ms = (time.perf_counter() - started) * 1e3
 
-        clock = time.perf_counter()
-        question, selection = await asyncio.to_thread(self._select, prompt_ids, frames, body)
-        selection_ms = (time.perf_counter() - clock) * 1e3
+            clock = time.perf_counter()
+            question, selection = await asyncio.to_thread(self._select, prompt_ids, frames, body)
+            selection_ms = (time.perf_counter() - clock) * 1e3
 
         # a streamed video's own plan: redone if the decoder found another frame count than the header
         plan = getattr(frames, "plan", None)
@@ -293,12 +301,29 @@ class SelectionInspector:
         )
 
 
+def cancellable(handler):
+    """vLLM's ``with_cancellation``: the handler's task is cancelled when its client disconnects
+    (FastAPI alone runs a handler to its end). Where a vLLM lacks it, the handler runs to its end."""
+    try:
+        from vllm.entrypoints.serve.utils.api_utils import with_cancellation
+    except ImportError:
+        return handler
+    return with_cancellation(handler)
+
+
 router = APIRouter()
 
 
 @router.post(ROUTE, response_model=SelectionResponse)
 async def create_selection(body: SelectionRequest, raw_request: Request):
     """The selection a chat request with these inputs gets, mapped to frames and timestamps."""
+    answer = await _inspect(body, raw_request)
+    # None: the client went away and the work was cancelled; nobody reads this (499, nginx's name for it)
+    return answer if answer is not None else Response(status_code=499)
+
+
+@cancellable
+async def _inspect(body: SelectionRequest, raw_request: Request) -> SelectionResponse:
     return await raw_request.app.state.qtsplus_inspector.inspect(body)
 
 

@@ -9,7 +9,9 @@ media threads. The client closing its connection makes vLLM cancel the request's
 - the server's CPU (all its processes, user + system time over 1-s windows) is back to idle within
   ``IDLE_WITHIN`` seconds of the abort: no decoder runs on for an aborted request;
 - ``qtsplus_cancelled_videos_total`` counts the eight videos and ``qtsplus_videos_in_flight`` is 0;
-- the server still answers a video request after.
+- the server still answers a video request after;
+- the same for ``POST /v1/qtsplus/selection`` (the introspection endpoint, enabled with
+  ``VLLM_PLUGINS=qtsplus``): its client giving up stops its video's decoding.
 
     flock /tmp/qtsplus-e2e.lock .venv/bin/python -m pytest tests/e2e/test_cancellation.py -s
 """
@@ -80,7 +82,7 @@ def server(assets, vllm_cache_root):
         "--allowed-local-media-path",
         str(root),
     ]
-    with RemoteServer(model, args, cache_root=vllm_cache_root) as remote:
+    with RemoteServer(model, args, env={"VLLM_PLUGINS": "qtsplus"}, cache_root=vllm_cache_root) as remote:
         yield remote
 
 
@@ -111,32 +113,40 @@ def give_up(base_url: str, payload: dict) -> str:
         return "aborted"
 
 
+def idle_cores(server, http, name, short) -> float:
+    """The idle server's CPU use, after a short video loaded the selection runtime and FFmpeg."""
+    assert http.post("/chat/completions", json=body(name, short)).status_code == 200
+    time.sleep(1.0)
+    return min(cores_used(server.pid) for _ in range(3))
+
+
+def assert_idle_soon(server, idle: float, aborted: float, what: str) -> None:
+    """The server's CPU is back to ``idle`` within IDLE_WITHIN s of ``aborted`` and stays there."""
+    windows = []
+    while time.monotonic() - aborted < IDLE_WITHIN + 3 * WINDOW:
+        start = time.monotonic() - aborted
+        windows.append((start, cores_used(server.pid)))
+    idle_from = next((start for start, used in windows if used <= idle + IDLE_MARGIN), None)
+    print(
+        f"\nidle server {idle:.2f} cores; after aborting {what} at {ABORT_AFTER:g} s: "
+        + ", ".join(f"{start:.1f} s: {used:.2f}" for start, used in windows)
+    )
+    assert idle_from is not None and idle_from <= IDLE_WITHIN, windows
+    # it stays idle: nothing was left running in the background
+    assert all(used <= idle + IDLE_MARGIN for start, used in windows if start >= idle_from), windows
+
+
 def test_aborted_long_videos_stop_decoding(assets, server):
     _, _, videos, short = assets
     with httpx.Client(base_url=server.base_url, timeout=300) as http:
         name = http.get("/models").json()["data"][0]["id"]
-        # load the selection runtime and FFmpeg first, then measure the idle server
-        assert http.post("/chat/completions", json=body(name, short)).status_code == 200
-        time.sleep(1.0)
-        idle = min(cores_used(server.pid) for _ in range(3))
+        idle = idle_cores(server, http, name, short)
 
         with concurrent.futures.ThreadPoolExecutor(REQUESTS) as pool:
             outcomes = list(pool.map(lambda v: give_up(server.base_url, body(name, v)), videos))
         aborted = time.monotonic()
         assert outcomes == ["aborted"] * REQUESTS, outcomes
-
-        windows = []
-        while time.monotonic() - aborted < IDLE_WITHIN + 3 * WINDOW:
-            start = time.monotonic() - aborted
-            windows.append((start, cores_used(server.pid)))
-        idle_from = next((start for start, used in windows if used <= idle + IDLE_MARGIN), None)
-        print(
-            f"\nidle server {idle:.2f} cores; after aborting {REQUESTS} x {MINUTES:g}-min 720p30 at "
-            f"{ABORT_AFTER:g} s: " + ", ".join(f"{start:.1f} s: {used:.2f}" for start, used in windows)
-        )
-        assert idle_from is not None and idle_from <= IDLE_WITHIN, windows
-        # it stays idle: nothing was left running in the background
-        assert all(used <= idle + IDLE_MARGIN for start, used in windows if start >= idle_from), windows
+        assert_idle_soon(server, idle, aborted, f"{REQUESTS} x {MINUTES:g}-min 720p30")
 
         text = http.get(server.url_for("metrics")).text
         assert metric(text, "qtsplus_cancelled_videos_total") == REQUESTS
@@ -144,3 +154,30 @@ def test_aborted_long_videos_stop_decoding(assets, server):
         assert "video(s) of a cancelled request stopped" in server.log_tail(2000)
         # the server still serves videos
         assert http.post("/chat/completions", json=body(name, short)).status_code == 200
+
+
+def test_an_abandoned_selection_request_stops_decoding(assets, server):
+    """``POST /v1/qtsplus/selection`` whose client gives up mid-decode: its work stops too."""
+    _, _, videos, short = assets
+    with httpx.Client(base_url=server.base_url, timeout=300) as http:
+        name = http.get("/models").json()["data"][0]["id"]
+        idle = idle_cores(server, http, name, short)
+        cancelled = metric(http.get(server.url_for("metrics")).text, "qtsplus_cancelled_videos_total")
+
+        payload = {"video": f"file://{videos[-1]}", "question": "What happens in the video?"}
+        try:
+            with httpx.Client(timeout=ABORT_AFTER) as client:
+                response = client.post(server.url_for("v1", "qtsplus", "selection"), json=payload)
+            pytest.fail(f"answered {response.status_code} before the client gave up: {response.text[:300]}")
+        except httpx.TimeoutException:
+            pass
+        assert_idle_soon(
+            server, idle, time.monotonic(), f"a selection request on a {MINUTES:g}-min 720p30 video"
+        )
+
+        text = http.get(server.url_for("metrics")).text
+        assert metric(text, "qtsplus_cancelled_videos_total") == cancelled + 1
+        assert metric(text, "qtsplus_videos_in_flight") == 0
+        # the endpoint still answers
+        answer = http.post("/qtsplus/selection", json={"video": f"file://{short}", "question": "Hi?"})
+        assert answer.status_code == 200, answer.text
