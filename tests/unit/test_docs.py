@@ -46,3 +46,16 @@ def test_readme_is_short_and_keeps_the_test_command():
     assert TEST_COMMAND in text
     ci = (REPO / ".ci" / "run").read_text()
     assert TEST_COMMAND in ci  # .ci/run calls the command the README gives
+
+
+def test_introspection_docs_list_exactly_the_response_fields():
+    """docs/introspection.md's Response table names every top-level field the endpoint returns, and no other."""
+    from qtsplus_vllm.serving.introspection import SelectionResponse
+
+    text = (REPO / "docs" / "introspection.md").read_text()
+    section = text.split("### Response", 1)[1].split("\n### ", 1)[0]
+    documented = set()
+    for line in section.splitlines():
+        if line.startswith("| `"):
+            documented |= set(re.findall(r"`([A-Za-z_]+)`", line.split("|")[1]))
+    assert documented == set(SelectionResponse.model_fields) - {"object"}
