@@ -76,6 +76,10 @@ TIME_BOX = {
     "proportional": (120, 60),
     "media": (150, 60),
 }
+CUDA_ONLY_TESTS = (
+    "test_real_shapes_on_gpu",
+    "test_selector_on_gpu",
+)  # tests/kernels cases skipped without CUDA
 SKIP_EXIT = 75  # a step exits with this after writing {"status": "skipped", "reason": ...}
 MIN_STEP_S = 10
 MAX_FILES = 8
@@ -158,7 +162,7 @@ def step_kernel_tests(args, tmp: Path) -> dict:
             }
         )
     counts = {k: sum(c["outcome"] == k for c in cases) for k in ("passed", "failed", "error", "skipped")}
-    cuda_only = [c for c in cases if c["name"].startswith("test_real_shapes_on_gpu")]
+    cuda_only = [c for c in cases if c["name"].startswith(CUDA_ONLY_TESTS)]
     return {
         "ok": code == 0 and counts["failed"] == counts["error"] == 0,
         "pytest_exit_code": int(code),
