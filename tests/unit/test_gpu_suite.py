@@ -67,7 +67,7 @@ def test_dry_run_step_contents(dry_run):
     _, out = dry_run
     kernels = record(out, "kernel_tests")
     assert kernels["counts"]["passed"] >= 1 and kernels["counts"]["failed"] == 0
-    assert kernels["cuda_only"]["skipped"] == 4  # the CUDA-only cases a GPU run executes
+    assert kernels["cuda_only"]["skipped"] == 5  # the CUDA-only cases a GPU run executes (CUDA_ONLY_TESTS)
     selector = record(out, "selector")
     assert [r["agrees"] for r in selector["rows"] if "agrees" in r] == [True]  # Triton (interpreter) == torch
     gate = record(out, "score_topk")
