@@ -1,4 +1,4 @@
-"""GPU evidence in one command: kernel tests, selector, gate, ViT attention, pipeline, proportional, media.
+"""GPU evidence in one command: kernel tests, selector, gate, ViT attention, pipeline, proportional, media, NVDEC.
 
 On a bare GPU machine (Python 3.12, torch, Triton, transformers; no vLLM, PyAV or qwen-vl-utils; no
 network) it installs the wheels carried in ``benchmarks/wheels/`` (``scripts/fetch_gpu_wheels.py``
@@ -20,8 +20,11 @@ runs each step in its own time-boxed subprocess inside one overall budget (defau
                    Qwen2 causal prefill ms per token at proportional.benchmark_contexts (n + text, M + text
                    at 1/5/10 min); measured ratio vs the counted FLOP ratio, KV bytes per token, and the
                    prefill seconds selection removes per video
-``media``          ``benchmarks/bench_media.py --device ... --minutes 10`` when that script exists (the
-                   long-video media path on the GPU); skipped otherwise
+``media``          ``benchmarks/bench_media.py --device ... --minutes 5 --content smooth`` (the long-video
+                   media path on the GPU)
+``nvdec``          ``benchmarks/bench_nvdec.py``: FFmpeg's CUDA hwaccel (NVDEC) against the software
+                   decoder on 1-minute 720p30 texture and smooth videos: frames per second alone and 4 at
+                   once, and whether the sampled frames' YUV and RGB are equal
 =================  =====================================================================================
 
 A step that cannot run (CUDA, a package or the script missing, budget spent) is recorded as skipped
@@ -64,7 +67,16 @@ REPO = Path(__file__).resolve().parents[1]
 BENCHMARKS = REPO / "benchmarks"
 WHEELS = BENCHMARKS / "wheels"
 SITE = Path(tempfile.gettempdir()) / "qtsplus-gpu-site"
-STEPS = ("kernel_tests", "selector", "score_topk", "vit_attention", "pipeline", "proportional", "media")
+STEPS = (
+    "kernel_tests",
+    "selector",
+    "score_topk",
+    "vit_attention",
+    "pipeline",
+    "proportional",
+    "media",
+    "nvdec",
+)
 # per-step time boxes in seconds (full run, --quick); the overall --budget-s caps them further
 TIME_BOX = {
     "setup": (90, 60),
@@ -75,6 +87,7 @@ TIME_BOX = {
     "pipeline": (170, 120),
     "proportional": (120, 60),
     "media": (150, 60),
+    "nvdec": (90, 30),
 }
 CUDA_ONLY_TESTS = (
     "test_real_shapes_on_gpu",
@@ -136,7 +149,7 @@ def step_kernel_tests(args, tmp: Path) -> dict:
     import torch
 
     junit = tmp / "junit.xml"
-    selection = ["-k", "selector_paths_agree or real_shapes"] if args.quick else []
+    selection = ["-k", "selector_paths_agree or real_shapes or selector_on_gpu"] if args.quick else []
     argv = [
         str(REPO / "tests" / "kernels"),
         "-q",
@@ -734,6 +747,16 @@ def proportional_targets(data: dict) -> dict:
             "within_tolerance": abs(worst - 1.0) <= PROPORTIONAL_TOLERANCE}  # fmt: skip
 
 
+def step_nvdec(args, tmp: Path) -> dict:
+    """NVDEC vs the software decoder (benchmarks/bench_nvdec.py): frames per second, equality of the sampled frames."""
+    if args.device == "cpu":
+        raise Skip("NVDEC needs a CUDA device (bench_nvdec.py --device cpu runs the software rows alone)")
+    import bench_nvdec
+
+    record = bench_nvdec.measure(tmp / "nvdec.json", ["texture", "smooth"], 60.0, 4, 30, args.device)
+    return {"ok": True, **record}
+
+
 STEP_FUNCTIONS = {
     "kernel_tests": step_kernel_tests,
     "selector": step_selector,
@@ -742,6 +765,7 @@ STEP_FUNCTIONS = {
     "pipeline": step_pipeline,
     "proportional": step_proportional,
     "media": step_media,
+    "nvdec": step_nvdec,
 }
 
 
@@ -898,6 +922,18 @@ def headline(name: str, data: dict) -> str:
             d, v = data["result"]["derived"], data["result"]["video"]
             return (f"M={v['M']} n={v['n']}: TTFT {d['ttft_selected_ms']:.0f} vs {d['ttft_all_ms']:.0f} ms "
                     f"(x{d['ttft_ratio_selected_over_all']:.3f}); vit {data['result']['implementations']['vit_attention']}")  # fmt: skip
+        if name == "nvdec":
+            parts = []
+            for case in data["cases"]:
+                hard, eq = case.get("nvdec", {}), case.get("equality", {})
+                if "fps" not in hard:
+                    parts.append(
+                        f"{case['content']}: nvdec {hard.get('error', data.get('nvdec_skipped', 'not run'))[:60]}"
+                    )
+                    continue
+                parts.append(f"{case['content']}: {case['software']['fps']:.0f} vs nvdec {hard['fps']:.0f} fps, "
+                             f"rgb equal {eq['rgb']['frames_equal']}/{eq['sampled_frames']}")  # fmt: skip
+            return "; ".join(parts)
         if name == "proportional":
             models = data["models"]
             label = "7B" if models.get("7B", {}).get("status") == "ok" else next(iter(models))

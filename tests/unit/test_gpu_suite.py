@@ -59,6 +59,8 @@ def test_dry_run_runs_every_step_and_writes_at_most_eight_files(dry_run):
     assert summary["steps"]["media"]["status"] == "ok", media
     streaming = media["result"]["paths"]["streaming"]
     assert streaming["status"] == "ok" and streaming["follow_up"]["cache_hit"], streaming
+    nvdec = summary["steps"]["nvdec"]  # GPU-only: recorded as skipped with the reason
+    assert nvdec["status"] == "skipped" and "CUDA" in nvdec["reason"], nvdec
     assert "step" in proc.stdout and "targets:" in proc.stdout and "vit_attention" in proc.stdout
     assert [c["verdict"].split(":")[0] for c in summary["target_checks"]] == ["n/a"] * 3  # no GPU figures
 
