@@ -12,7 +12,7 @@ this measures, decoding every frame as the server does:
   decoded YUV planes, the RGB the server makes from them (``to_ndarray(format="rgb24")``), and the RGB
   made after converting NVDEC's NV12 to yuv420p first — with counts and sizes of any difference.
 
-Nothing here is used by the server yet: the numbers decide whether a ``QTSPLUS_DECODER`` setting is
+Nothing here is used by the server yet: the numbers decide whether a decoder setting is
 worth building, and whether it can stay exact.
 
     python benchmarks/bench_nvdec.py --out DIR                 # GPU machine (gpu_suite's nvdec step)
