@@ -158,7 +158,7 @@ def measure(
                 except Exception as err:  # noqa: BLE001 - a driver without NVDEC: recorded, not fatal
                     case["nvdec"] = {"status": "failed", "error": repr(err)[:500]}
             record["cases"].append(case)
-            print(json.dumps({k: v for k, v in case.items()}, default=str)[:800], flush=True)
+            print(json.dumps(case, default=str)[:800], flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=1, default=str))
     return record

@@ -35,7 +35,6 @@ import statistics
 import sys
 import tempfile
 import time
-from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -52,6 +51,7 @@ from bench_media import CONTENTS, git_sha, machine, synthetic_frames, versions  
 from qtsplus_vllm import exact_resize  # noqa: E402
 from qtsplus_vllm.options import SelectionOptions  # noqa: E402
 from qtsplus_vllm.streaming import EncodedVideo, LazyVideo, resize_batch_for  # noqa: E402
+from qtsplus_vllm.testing.videos import encode_h264  # noqa: E402
 from qtsplus_vllm.video import (  # noqa: E402
     FAST_INTERPOLATION,
     PreprocessConfig,
@@ -80,15 +80,8 @@ CANDIDATES = {
 def encode(frames, size: tuple[int, int], fps: float) -> bytes:
     """H.264 (x264 veryfast, crf 23, a keyframe every 2 s) of uint8 RGB frames, as mp4 bytes."""
     buffer = io.BytesIO()
-    with av.open(buffer, mode="w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
-        stream.width, stream.height, stream.pix_fmt = *size, "yuv420p"
-        stream.codec_context.options = {"crf": "23", "preset": "veryfast", "g": str(int(2 * fps))}
-        for array in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+    options = {"crf": "23", "preset": "veryfast", "g": str(int(2 * fps))}
+    encode_h264(buffer, frames, size, fps, options, container_format="mp4")
     return buffer.getvalue()
 
 

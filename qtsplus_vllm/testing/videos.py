@@ -142,19 +142,28 @@ def make_video_bytes(
         raise ValueError(f"size must be even and >= 2 in both dimensions, got {size}")
     if frames < 1:
         raise ValueError(f"frames must be >= 1, got {frames}")
-    pixels = render_frames(frames, size, seed)
     buffer = io.BytesIO()
-    with av.open(buffer, mode="w", format="mp4") as container:
+    # one thread and fixed options: the same inputs give the same bytes
+    encode_h264(buffer, render_frames(frames, size, seed), size, fps,
+                {"crf": "18", "preset": "veryfast", "threads": "1"}, container_format="mp4")  # fmt: skip
+    return buffer.getvalue()
+
+
+def encode_h264(target, frames, size: tuple[int, int], fps: float, options: dict[str, str],
+                container_format: str | None = None) -> None:  # fmt: skip
+    """Encode uint8 RGB frames [H, W, 3] (any iterable) as yuv420p H.264 with x264 ``options`` into
+    ``target``: a path (container from its extension) or a binary file object (give ``container_format``)."""
+    width, height = size
+    opened = str(target) if isinstance(target, str | os.PathLike) else target
+    with av.open(opened, mode="w", format=container_format) as container:
         stream = container.add_stream("libx264", rate=_as_rate(fps))
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        # one thread and fixed options: the same inputs give the same bytes
-        stream.codec_context.options = {"crf": "18", "preset": "veryfast", "threads": "1"}
-        for array in pixels:
+        stream.codec_context.options = options
+        for array in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
-    return buffer.getvalue()
 
 
 def _as_rate(fps: float):
@@ -183,10 +192,8 @@ def write_texture_clip(
     side = height // 6
     colours = rng.integers(0, 256, size=(3, 3), dtype=np.uint8)
     speeds = rng.uniform(1.0, 6.0, size=(3, 2))
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.codec_context.options = {"crf": "23", "preset": "ultrafast", "g": str(2 * fps)}
+
+    def frames():
         for t in range(seconds * fps):
             dx, dy = (3 * t) % width, t % height
             frame = texture[dy : dy + height, dx : dx + width].copy()
@@ -194,10 +201,9 @@ def write_texture_clip(
                 x0 = int(speeds[k, 0] * t) % (width - side)
                 y0 = int(speeds[k, 1] * t) % (height - side)
                 frame[y0 : y0 + side, x0 : x0 + side] = colours[k]
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+            yield frame
+
+    encode_h264(path, frames(), size, fps, {"crf": "23", "preset": "ultrafast", "g": str(2 * fps)})
     return path
 
 
@@ -241,17 +247,9 @@ def write_content_clip(
     """``seconds`` of a content kind (:data:`CONTENT_KINDS`) encoded the way ``bench_media.py`` encodes
     its videos (x264 ``veryfast``, CRF 23, a keyframe every 2 s): the first ``seconds × fps`` frames
     of the media benchmark's video of that kind and seed."""
-    width, height = size
     path = Path(path)
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.codec_context.options = {"crf": "23", "preset": "veryfast", "g": str(2 * fps)}
-        for array in CONTENT_KINDS[content](seconds * fps, size, seed):
-            for packet in stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+    encode_h264(path, CONTENT_KINDS[content](seconds * fps, size, seed), size, fps,
+                {"crf": "23", "preset": "veryfast", "g": str(2 * fps)})  # fmt: skip
     return path
 
 
